@@ -1,0 +1,3 @@
+from sagewatch.cli import main
+
+main()

@@ -1,0 +1,290 @@
+"""Typed, frozen settings resolved as ``config.yaml`` < environment < CLI flags.
+
+Every setting lives in one section of :class:`Settings` and has a name that is unique
+across sections, so a flat override such as ``{"epochs": "3"}`` (a CLI flag, an
+environment variable or a SageMaker hyperparameter) finds its place without naming the
+section. Unknown keys and values of the wrong type raise :class:`ConfigError` naming
+the key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sagewatch.errors import ConfigError
+
+# The environment variables the project has always honoured, and where they land.
+ENV_VARS: dict[str, str] = {
+    "RAW_DATA_PREFIX": "raw_data_prefix",
+    "FEATURES_PREFIX": "features_prefix",
+    "MODEL_PREFIX": "model_prefix",
+    "SCORES_PREFIX": "scores_prefix",
+    "ROLLING_WINDOW": "rolling_window",
+    "EPOCHS": "epochs",
+    "BATCH_SIZE": "batch_size",
+    "ENCODING_DIM": "encoding_dim",
+    "SAGEMAKER_ROLE": "role",
+    "SAGEMAKER_BUCKET": "bucket",
+    "SAGEMAKER_REGION": "region",
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSettings(_Section):
+    """How an input table maps onto the schema, and where stage outputs go."""
+
+    timestamp_column: str = "timestamp"
+    entity_column: str | None = "machine_id"
+    label_column: str | None = "anomaly"
+    sensor_columns: list[str] | None = None
+    passthrough_columns: list[str] = Field(
+        default_factory=lambda: ["changepoint", "anomaly_kind"]
+    )
+    sep: str | None = None
+    label_windows: str | None = None
+    raw_data_prefix: str = "raw"
+    features_prefix: str = "features"
+    model_prefix: str = "model"
+    scores_prefix: str = "scores"
+    evaluation_prefix: str = "evaluation"
+
+
+class QualitySettings(_Section):
+    """Repair rules for messy input: what is fixed and what is refused."""
+
+    sort_rows: bool = True
+    drop_duplicate_rows: bool = True
+    duplicate_timestamps: Literal["keep_last", "error"] = "keep_last"
+    max_fill_gap: int = Field(default=3, ge=0)
+    drop_unfilled_rows: bool = True
+    max_abs_value: float = Field(default=1e12, gt=0)
+
+
+class ReferenceSettings(_Section):
+    """The healthy reference period each entity's detector is fitted on."""
+
+    train_rows: int | None = Field(default=None, ge=1)
+    train_until: datetime | None = None
+    train_fraction: float = Field(default=0.5, gt=0, le=1)
+
+
+class FeatureSettings(_Section):
+    """Per-entity rolling statistics."""
+
+    rolling_window: int = Field(default=12, ge=2)
+    statistics: list[
+        Literal["value", "mean", "std", "min", "max", "range", "slope", "change"]
+    ] = Field(
+        default_factory=lambda: ["value", "mean", "std", "range", "slope", "change"]
+    )
+
+
+class ModelSettings(_Section):
+    """The detector, its training loop and its threshold rule."""
+
+    detector: Literal["autoencoder", "pca", "iforest"] = "autoencoder"
+    encoding_dim: int = Field(default=8, ge=1)
+    hidden_dims: list[int] = Field(default_factory=lambda: [64, 32])
+    epochs: int = Field(default=30, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    validation_fraction: float = Field(default=0.1, ge=0, lt=1)
+    patience: int = Field(default=5, ge=1)
+    max_train_samples: int = Field(default=200_000, ge=10)
+    threshold_quantile: float = Field(default=0.995, gt=0, lt=1)
+    threshold_margin: float = Field(default=1.0, gt=0)
+    seed: int = 42
+
+
+class GenerateSettings(_Section):
+    """The synthetic data generator."""
+
+    n_samples: int = Field(default=2000, ge=1)
+    n_machines: int = Field(default=5, ge=1)
+    n_sensors: int = Field(default=5, ge=2, le=12)
+    frequency_seconds: int = Field(default=60, ge=1)
+    start: datetime = datetime(2024, 1, 1)
+    anomaly_fraction: float = Field(default=0.05, ge=0, lt=0.5)
+
+
+class EvaluationSettings(_Section):
+    """The report."""
+
+    top_n: int = Field(default=20, ge=1)
+    percentiles: list[float] = Field(default_factory=lambda: [50.0, 90.0, 95.0, 99.0])
+    max_plot_entities: int = Field(default=12, ge=1)
+
+
+class SageMakerSettings(_Section):
+    """Where and how the SageMaker jobs run. Nothing here has a built-in account."""
+
+    role: str | None = None
+    bucket: str | None = None
+    region: str | None = None
+    base_prefix: str = "sagewatch"
+    processing_instance_type: str = "ml.m5.xlarge"
+    processing_instance_count: int = Field(default=1, ge=1)
+    training_instance_type: str = "ml.m5.xlarge"
+    training_instance_count: int = Field(default=1, ge=1)
+    framework_version: str = "2.5"
+    py_version: str = "py311"
+    image_uri: str | None = None
+    max_runtime_seconds: int = Field(default=3600, ge=60)
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    "data": DataSettings,
+    "quality": QualitySettings,
+    "reference": ReferenceSettings,
+    "features": FeatureSettings,
+    "model": ModelSettings,
+    "generate": GenerateSettings,
+    "evaluation": EvaluationSettings,
+    "sagemaker": SageMakerSettings,
+}
+
+
+class Settings(_Section):
+    """Every setting sagewatch reads, grouped by the stage that uses it."""
+
+    data: DataSettings = Field(default_factory=DataSettings)
+    quality: QualitySettings = Field(default_factory=QualitySettings)
+    reference: ReferenceSettings = Field(default_factory=ReferenceSettings)
+    features: FeatureSettings = Field(default_factory=FeatureSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    generate: GenerateSettings = Field(default_factory=GenerateSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    sagemaker: SageMakerSettings = Field(default_factory=SageMakerSettings)
+
+    @model_validator(mode="after")
+    def _check_columns(self) -> Settings:
+        names = [self.data.timestamp_column, self.data.entity_column]
+        if self.data.label_column is not None and self.data.label_column in names:
+            raise ValueError(
+                f"label_column {self.data.label_column!r} is also the timestamp "
+                "or entity column"
+            )
+        return self
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
+        """Return a copy with flat ``{setting: value}`` overrides applied.
+
+        Values may be strings (from the environment or SageMaker hyperparameters);
+        they are parsed as YAML scalars first, so ``"false"``, ``"[64, 32]"`` and
+        ``"1e-3"`` become the declared types.
+
+        Raises:
+            ConfigError: an unknown setting or a value of the wrong type.
+        """
+        tree = self.model_dump()
+        for key, value in overrides.items():
+            section = section_of(key)
+            tree[section][key] = _parse_string(value, section, key)
+        return _validate(tree, source="overrides")
+
+    def flat(self) -> dict[str, Any]:
+        """All settings as one ``{name: value}`` mapping (JSON-safe values)."""
+        dumped = self.model_dump(mode="json")
+        return {k: v for section in dumped.values() for k, v in section.items()}
+
+
+def section_of(key: str) -> str:
+    """Name the section a flat setting belongs to.
+
+    Raises:
+        ConfigError: no section declares ``key``.
+    """
+    for name, model in _SECTIONS.items():
+        if key in model.model_fields:
+            return name
+    raise ConfigError(
+        f"unknown setting {key!r}; known settings: {', '.join(sorted(known_keys()))}"
+    )
+
+
+def known_keys() -> set[str]:
+    """Every flat setting name."""
+    return {k for model in _SECTIONS.values() for k in model.model_fields}
+
+
+def load_settings(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Resolve settings from a YAML file, then the environment, then ``overrides``.
+
+    ``path`` None means ``config.yaml`` in the working directory when it exists,
+    else the built-in defaults. ``overrides`` values that are None are ignored, so
+    unset CLI flags can be passed straight through.
+
+    Raises:
+        ConfigError: unreadable file, unknown key or wrongly typed value.
+    """
+    tree = _read_yaml(path)
+    settings = _validate(tree, source=str(path or "defaults"))
+    env = os.environ if environ is None else environ
+    from_env = {ENV_VARS[name]: env[name] for name in ENV_VARS if env.get(name)}
+    if from_env:
+        settings = settings.with_overrides(from_env)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return settings.with_overrides(given) if given else settings
+
+
+def _read_yaml(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        default = Path("config.yaml")
+        if not default.is_file():
+            return {}
+        path = default
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from exc
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid YAML: {exc}"
+        ) from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections")
+    return tree
+
+
+def _validate(tree: Mapping[str, Any], *, source: str) -> Settings:
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            f" (got {err.get('input')!r})"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration from {source}: {problems}") from exc
+
+
+def _parse_string(value: Any, section: str, key: str) -> Any:
+    """Parse a string as a YAML scalar unless the setting itself is a string."""
+    if not isinstance(value, str):
+        return value
+    annotation = _SECTIONS[section].model_fields[key].annotation
+    if set(get_args(annotation) or (annotation,)) <= {str, type(None)}:
+        return value
+    if value.strip().lower() in {"none", "null", ""}:
+        return None
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"setting {key!r}: cannot parse {value!r}: {exc}") from exc
