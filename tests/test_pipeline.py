@@ -28,8 +28,17 @@ def test_run_synthetic_writes_every_output(tmp_path: Path, small_settings) -> No
     assert scores.height == 800
     assert (tmp_path / "model" / "detector.json").is_file()
     assert (tmp_path / "model" / "weights.pt").is_file()
-    report = json.loads((tmp_path / "evaluation" / "evaluation_report.json").read_text())
-    assert set(report["metrics"]) >= {"precision", "recall", "f1", "far", "mar", "pr_auc"}
+    report = json.loads(
+        (tmp_path / "evaluation" / "evaluation_report.json").read_text()
+    )
+    assert set(report["metrics"]) >= {
+        "precision",
+        "recall",
+        "f1",
+        "far",
+        "mar",
+        "pr_auc",
+    }
     html = (tmp_path / "evaluation" / "evaluation_report.html").read_text()
     assert "data:image/png;base64," in html
     assert "http://" not in html and "https://" not in html
