@@ -280,10 +280,11 @@ def _parse_string(value: Any, section: str, key: str) -> Any:
     if not isinstance(value, str):
         return value
     annotation = _SECTIONS[section].model_fields[key].annotation
-    if set(get_args(annotation) or (annotation,)) <= {str, type(None)}:
-        return value
-    if value.strip().lower() in {"none", "null", ""}:
+    types = set(get_args(annotation) or (annotation,))
+    if value.strip().lower() in {"none", "null", ""} and type(None) in types:
         return None
+    if types <= {str, type(None)}:
+        return value
     try:
         return yaml.safe_load(value)
     except yaml.YAMLError as exc:
