@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from tqdm.auto import tqdm
 
 from sagewatch import storage
 from sagewatch.schema import ENTITY, LABEL, TIMESTAMP
@@ -210,12 +211,15 @@ def write_report(
     percentiles: Sequence[float] = (50, 90, 95, 99),
     max_plot_entities: int = 12,
     context: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, Any], list[storage.FileInfo]]:
     """Write ``evaluation_report.json`` and ``.html`` to ``output_dir``."""
     report = evaluate(scores, top_n=top_n, percentiles=percentiles)
     if context:
         report["context"] = context
-    page = render_html(scores, report, max_plot_entities=max_plot_entities)
+    page = render_html(
+        scores, report, max_plot_entities=max_plot_entities, progress=progress
+    )
     infos = [
         storage.write_json(storage.join(output_dir, REPORT_JSON), report),
         storage.write_bytes(
@@ -232,7 +236,11 @@ def write_report(
 
 
 def render_html(
-    scores: pl.DataFrame, report: dict[str, Any], *, max_plot_entities: int = 12
+    scores: pl.DataFrame,
+    report: dict[str, Any],
+    *,
+    max_plot_entities: int = 12,
+    progress: bool = False,
 ) -> str:
     """One HTML page with every image inlined, so it opens offline."""
     import matplotlib
@@ -247,7 +255,10 @@ def render_html(
         "<h2>Anomaly score over time</h2>",
     ]
     entities = scores[ENTITY].unique(maintain_order=True).to_list()
-    for entity in entities[:max_plot_entities]:
+    shown = entities[:max_plot_entities]
+    for entity in tqdm(
+        shown, desc="plot", unit="entity", disable=not progress, leave=False
+    ):
         sections.append(
             _img(
                 _plot_entity(

@@ -226,6 +226,7 @@ def stage_evaluate(
     output_dir: str,
     *,
     context: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, Any], StageRecord]:
     """Write the JSON and HTML report for a scores table."""
     with _Timer() as timer:
@@ -241,6 +242,7 @@ def stage_evaluate(
             percentiles=ev.percentiles,
             max_plot_entities=ev.max_plot_entities,
             context=context,
+            progress=progress,
         )
     record = StageRecord(
         "evaluate",
@@ -302,7 +304,7 @@ def run(
         "data_quality": stages[-3].details["quality"],
     }
     report, record = stage_evaluate(
-        settings, scores, paths["evaluation"], context=context
+        settings, scores, paths["evaluation"], context=context, progress=progress
     )
     stages.append(record)
     manifest_uri = storage.join(data_dir, MANIFEST)
