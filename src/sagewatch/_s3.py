@@ -165,6 +165,8 @@ def errors(uri: str, action: str) -> Iterator[None]:
         raise _client_error(exc, uri, action) from exc
     except BotoCoreError as exc:
         raise _botocore_error(exc, uri, action) from exc
+    except OSError as exc:  # the local side of a transfer
+        raise StorageError(f"cannot {action} {uri}: {exc.strerror or exc}") from exc
 
 
 def _client_error(exc: Any, uri: str, action: str) -> StorageError:

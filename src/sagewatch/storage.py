@@ -1,10 +1,11 @@
 """Read and write artifacts at URIs: local paths or ``s3://bucket/key``.
 
-This is the only module that knows about files and buckets. S3 goes through boto3,
-which takes its endpoint, region and credentials from the standard AWS configuration
-(``AWS_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3``, ``AWS_PROFILE``, ``AWS_REGION``, the
-shared config files), so MinIO, Ceph or a moto server need no code change. Retries
-follow ``AWS_MAX_ATTEMPTS`` and ``AWS_RETRY_MODE``.
+This module, with the two private helpers named below, is the only code that knows
+about files and buckets. S3 goes through boto3, which takes its endpoint, region and
+credentials from the standard AWS configuration (``AWS_ENDPOINT_URL``,
+``AWS_ENDPOINT_URL_S3``, ``AWS_PROFILE``, ``AWS_REGION``, the shared config files),
+so MinIO, Ceph or a moto server need no code change. Retries follow
+``AWS_MAX_ATTEMPTS`` and ``AWS_RETRY_MODE``.
 
 Every write is atomic. The content is first written completely to a temporary file
 next to the target (locally) or in a temporary folder (for S3). Locally it is then
@@ -13,8 +14,11 @@ multipart upload, and S3 shows an object only once such an upload has completed 
 failed multipart upload is aborted). A failure half-way therefore leaves the previous
 file or object untouched and nothing under the final name.
 
-Every failure is raised as a :class:`~sagewatch.errors.StorageError` naming the URI
-and what to check; credentials never appear in messages.
+A location that cannot be reached, read or written raises a
+:class:`~sagewatch.errors.StorageError` naming the URI and what to check (a table
+that cannot be parsed raises :class:`~sagewatch.errors.InputError`); credentials
+never appear in messages. The S3 requests live in :mod:`sagewatch._s3` and the
+table formats in :mod:`sagewatch._tables`; nothing else imports either.
 """
 
 from __future__ import annotations
@@ -249,7 +253,9 @@ class _Staging:
 
 
 @contextlib.contextmanager
-def _staged(uri: str, rows: Callable[[str], int | None] | None = None) -> Iterator[Any]:
+def _staged(
+    uri: str, rows: Callable[[str], int | None] | None = None
+) -> Iterator[_Staging]:
     """Yield a temporary local path to write; on success move the file to ``uri``.
 
     ``rows``, given the finished temporary file, counts its rows for the record.
