@@ -1,6 +1,6 @@
 """Read and write artifacts at URIs: local paths or ``s3://bucket/key``.
 
-This module, with the two private helpers named below, is the only code that knows
+This module, with the two private modules named below, is the only code that knows
 about files and buckets. S3 goes through boto3, which takes its endpoint, region and
 credentials from the standard AWS configuration (``AWS_ENDPOINT_URL``,
 ``AWS_ENDPOINT_URL_S3``, ``AWS_PROFILE``, ``AWS_REGION``, the shared config files),
