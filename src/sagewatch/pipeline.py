@@ -114,7 +114,7 @@ def stage_features(
     dataset: Dataset | None = None,
 ) -> tuple[pl.DataFrame, StageRecord]:
     """Validate raw input and write its rolling features to ``output_dir``."""
-    with _Timer() as timer:
+    with _Timer() as timer, storage.track_reads() as reads:
         data = dataset or load_raw(input_uri, settings.data, settings.quality)
         features = build_features(
             data.frame, data.sensors, settings.features, data.passthrough
@@ -124,7 +124,7 @@ def stage_features(
         )
     record = StageRecord(
         "features",
-        inputs=_describe_inputs(input_uri),
+        inputs=_as_dicts(reads) if dataset is None else _describe_inputs(input_uri),
         outputs=[i.as_dict() for i in infos],
         rows_in=data.quality["rows_in"],
         rows_out=features.height,
@@ -143,10 +143,8 @@ def stage_train(
     progress: bool = False,
 ) -> tuple[Detector, StageRecord]:
     """Fit a detector on the reference period and save it to ``model_dir``."""
-    with _Timer() as timer:
-        inputs = []
+    with _Timer() as timer, storage.track_reads() as reads:
         if isinstance(features, str):
-            inputs = _describe_inputs(features)
             features = read_features(features)
         columns = feature_names(
             sensors_of(features.columns), settings.features.statistics
@@ -165,7 +163,7 @@ def stage_train(
         )
     record = StageRecord(
         "train",
-        inputs=inputs,
+        inputs=_as_dicts(reads),
         outputs=[w.as_dict() for w in written],
         rows_in=features.height,
         rows_out=info["train_rows"],
@@ -189,17 +187,12 @@ def stage_score(
 ) -> tuple[pl.DataFrame, StageRecord]:
     """Score a features table and write ``anomaly_scores.csv`` and ``.parquet``."""
     with _Timer() as timer:
-        inputs = []
-        if isinstance(detector, str):
-            inputs += [
-                storage.file_info(storage.join(detector, n)).as_dict()
-                for n in ("detector.json", "weights.pt")
-            ]
-            detector = Detector.load(detector)
-        source = features if isinstance(features, str) else "features"
-        if isinstance(features, str):
-            inputs += _describe_inputs(features)
-            features = read_features(features)
+        with storage.track_reads() as reads:
+            if isinstance(detector, str):
+                detector = Detector.load(detector)
+            source = features if isinstance(features, str) else "features"
+            if isinstance(features, str):
+                features = read_features(features)
         scores = score_features(features, detector, source=source, progress=progress)
         written = [
             storage.write_table(scores, storage.join(output_dir, SCORES_CSV)),
@@ -207,7 +200,7 @@ def stage_score(
         ]
     record = StageRecord(
         "score",
-        inputs=inputs,
+        inputs=_as_dicts(reads),
         outputs=[w.as_dict() for w in written],
         rows_in=features.height,
         rows_out=scores.height,
@@ -230,10 +223,9 @@ def stage_evaluate(
 ) -> tuple[dict[str, Any], StageRecord]:
     """Write the JSON and HTML report for a scores table."""
     with _Timer() as timer:
-        inputs = []
-        if isinstance(scores, str):
-            inputs = _describe_inputs(scores)
-            scores = read_scores(scores)
+        with storage.track_reads() as reads:
+            if isinstance(scores, str):
+                scores = read_scores(scores)
         ev = settings.evaluation
         report, written = write_report(
             scores,
@@ -246,7 +238,7 @@ def stage_evaluate(
         )
     record = StageRecord(
         "evaluate",
-        inputs=inputs,
+        inputs=_as_dicts(reads),
         outputs=[w.as_dict() for w in written],
         rows_in=scores.height,
         seconds=timer.seconds,
@@ -288,16 +280,18 @@ def run(
     if input_uri is None:
         input_uri, record = stage_generate(settings, paths["raw"])
         stages.append(record)
-    features, record = stage_features(settings, input_uri, paths["features"])
-    stages.append(record)
-    detector, record = stage_train(
+    features, features_record = stage_features(settings, input_uri, paths["features"])
+    stages.append(features_record)
+    detector, train_record = stage_train(
         settings, features, paths["model"], progress=progress
     )
-    stages.append(record)
-    scores, record = stage_score(
+    _handed_over(train_record, features_record)
+    stages.append(train_record)
+    scores, score_record = stage_score(
         settings, features, detector, paths["scores"], progress=progress
     )
-    stages.append(record)
+    _handed_over(score_record, train_record, features_record)
+    stages.append(score_record)
     context = {
         "input": input_uri,
         "detector": settings.model.detector,
@@ -306,6 +300,7 @@ def run(
     report, record = stage_evaluate(
         settings, scores, paths["evaluation"], context=context, progress=progress
     )
+    _handed_over(record, score_record)
     stages.append(record)
     manifest_uri = storage.join(data_dir, MANIFEST)
     write_manifest(
@@ -313,7 +308,7 @@ def run(
         settings,
         stages,
         started=started,
-        extra={"input": input_uri, "data_dir": data_dir},
+        extra={"input": input_uri, "data_dir": data_dir, **_store(input_uri, data_dir)},
     )
     return RunResult(data_dir, stages, report, manifest_uri)
 
@@ -342,5 +337,29 @@ def write_manifest(
     return storage.write_json(uri, manifest)
 
 
+def _store(*uris: str) -> dict[str, str]:
+    """The S3 endpoint, when any URI is on S3 (``s3://`` names no endpoint)."""
+    return {"s3_endpoint": storage.endpoint()} if any(map(storage.is_s3, uris)) else {}
+
+
+def _as_dicts(files: list[storage.FileInfo]) -> list[dict[str, Any]]:
+    return [f.as_dict() for f in files]
+
+
 def _describe_inputs(uri: str) -> list[dict[str, Any]]:
+    """Size and SHA-256 of input files this process did not read itself.
+
+    The files are streamed through the hash, never parsed; their row counts are
+    not known here and stay empty.
+    """
     return [storage.file_info(f).as_dict() for f in storage.list_files(uri)]
+
+
+def _handed_over(record: StageRecord, *previous: StageRecord) -> None:
+    """Record the outputs of earlier stages, passed in memory, as ``record``'s inputs.
+
+    The in-memory table is the one those files were written from, so their URIs,
+    sizes and fingerprints describe it without reading anything back.
+    """
+    if not record.inputs:
+        record.inputs = [o for p in previous for o in p.outputs]
