@@ -40,27 +40,27 @@ def resolve_target(settings: Settings, *, strict: bool) -> Target:
     """Role, bucket, region and images from the settings.
 
     With ``strict`` False, missing values become visible placeholders (for
-    ``--plan``); with ``strict`` True they raise.
+    ``--plan``); with ``strict`` True they raise, all named in one message.
 
     Raises:
-        ConfigError: a missing role, bucket or image when ``strict``.
+        ConfigError: a missing role, bucket, image or region when ``strict``;
+            a region/version the image lookup does not know.
     """
     sm = settings.sagemaker
-    missing = []
-    if not sm.role:
-        missing.append("role")
-    if not sm.bucket:
-        missing.append("bucket")
     region = sm.region or _default_region()
-    images = {
-        kind: resolve_image(settings, instance_type, region=region, strict=strict)
-        for kind, instance_type in (
-            ("processing", sm.processing_instance_type),
-            ("training", sm.training_instance_type),
-        )
-    }
-    if IMAGE_PLACEHOLDER in images.values():
+    missing = [name for name in ("role", "bucket") if not getattr(sm, name)]
+    images = {"processing": IMAGE_PLACEHOLDER, "training": IMAGE_PLACEHOLDER}
+    if sm.image_uri:
+        images = dict.fromkeys(images, sm.image_uri)
+    elif not _sdk_installed():
         missing.append("image_uri")
+    elif not region:
+        missing.append("region")
+    else:
+        images["processing"] = resolve_image(
+            settings, sm.processing_instance_type, region
+        )
+        images["training"] = resolve_image(settings, sm.training_instance_type, region)
     if strict and missing:
         raise ConfigError(
             "cannot submit: set "
@@ -81,6 +81,7 @@ _HOW_TO_SET = {
     "role": "role (SAGEMAKER_ROLE)",
     "bucket": "bucket (SAGEMAKER_BUCKET)",
     "image_uri": "image_uri (SAGEMAKER_IMAGE_URI) or install sagewatch[sagemaker]",
+    "region": "region (SAGEMAKER_REGION or AWS_REGION)",
 }
 
 
@@ -90,36 +91,27 @@ def _default_region() -> str | None:
     return boto3.session.Session().region_name
 
 
-def resolve_image(
-    settings: Settings, instance_type: str, *, region: str | None, strict: bool
-) -> str:
-    """``image_uri`` when set, else the AWS PyTorch training image for the region.
+def _sdk_installed() -> bool:
+    import importlib.util
 
-    The lookup needs the SageMaker SDK (``pip install sagewatch[sagemaker]``); it
-    reads the SDK's bundled tables and makes no call.
+    try:
+        return importlib.util.find_spec("sagemaker.core.image_uris") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def resolve_image(settings: Settings, instance_type: str, region: str) -> str:
+    """The AWS PyTorch training image for the instance type and region.
+
+    Uses the SageMaker SDK (``pip install sagewatch[sagemaker]``), which reads its
+    bundled tables and makes no call; the image serves processing jobs too.
 
     Raises:
-        ConfigError: no lookup possible when ``strict``, or an unknown
-            region/version combination.
+        ConfigError: the SDK knows no image for this region and version.
     """
+    from sagemaker.core import image_uris
+
     sm = settings.sagemaker
-    if sm.image_uri:
-        return sm.image_uri
-    try:
-        from sagemaker.core import image_uris
-    except ImportError:
-        if strict:
-            raise ConfigError(
-                "no image: set image_uri (SAGEMAKER_IMAGE_URI), or install "
-                "sagewatch[sagemaker] to look up the AWS PyTorch image"
-            ) from None
-        return IMAGE_PLACEHOLDER
-    if not region:
-        if strict:
-            raise ConfigError(
-                "no AWS region: set region (SAGEMAKER_REGION) or AWS_REGION"
-            )
-        return IMAGE_PLACEHOLDER
     try:
         return str(
             image_uris.retrieve(
