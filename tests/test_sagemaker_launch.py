@@ -103,6 +103,26 @@ def test_features_job_uploads_code_and_input_then_runs(
     assert again.request["ProcessingInputs"] == plan.request["ProcessingInputs"]
 
 
+def test_an_upload_cut_short_is_completed(settings, raw_dir, bundle, s3_bucket):
+    plan = plans.plan_features(
+        settings, job_name="sw-features-4", input_uri=str(raw_dir), bundle=bundle
+    )
+    raw = plan.uploads[1]
+    launch.upload(raw)
+    prefix = raw.uri.split(f"s3://{s3_bucket}/")[1]
+    first = f"{prefix}sensor_data-machine_001.csv"
+    boto3.client("s3").delete_object(Bucket=s3_bucket, Key=first)
+    assert first not in _keys(s3_bucket, prefix)
+
+    launch.upload(raw)
+
+    assert (
+        _body(s3_bucket, first)
+        == (raw_dir / "sensor_data-machine_001.csv").read_bytes()
+    )
+    assert len(_keys(s3_bucket, prefix)) == 2
+
+
 def test_processing_output_with_old_files_is_refused(
     settings, client, bundle, s3_bucket
 ) -> None:

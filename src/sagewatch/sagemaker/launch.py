@@ -62,15 +62,26 @@ def sagemaker_client(region: str | None) -> Any:
 
 
 def upload(item: Upload) -> None:
-    """Put an upload's bytes in S3 unless its content-addressed key is there."""
-    if storage.exists(item.uri):
-        log.info("already in S3: %s", item.uri)
-        return
-    if item.data is not None:
-        storage.write_bytes(item.uri, item.data)
-    for name, path in item.files:
-        storage.write_bytes(storage.join(item.uri, name), Path(path).read_bytes())
-    log.info("uploaded %s to %s (%d bytes)", item.source, item.uri, item.bytes)
+    """Put an upload's bytes in S3; objects already there (same content key) stay.
+
+    Each file is checked on its own, so an upload cut short is completed next time.
+    """
+    targets = [(item.uri, item.data)] if item.data is not None else []
+    targets += [(storage.join(item.uri, name), Path(path)) for name, path in item.files]
+    written = 0
+    for uri, source in targets:
+        if storage.exists(uri):
+            continue
+        data = source.read_bytes() if isinstance(source, Path) else source
+        storage.write_bytes(uri, data)
+        written += 1
+    log.info(
+        "%s: %d of %d objects uploaded to %s",
+        item.source,
+        written,
+        len(targets),
+        item.uri,
+    )
 
 
 def check_empty(uri: str) -> None:
