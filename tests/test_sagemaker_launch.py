@@ -165,7 +165,7 @@ def test_pipeline_is_created_updated_and_started(
     plan = workflow.plan_pipeline(settings, input_uri=str(raw_dir), bundle=bundle)
     lines: list[str] = []
 
-    result = workflow.submit_pipeline(
+    result = launch.submit_pipeline(
         plan, client=client, poll_seconds=0, on_status=lines.append
     )
 
@@ -184,7 +184,7 @@ def test_pipeline_is_created_updated_and_started(
     changed = workflow.plan_pipeline(
         settings.with_overrides({"epochs": 7}), input_uri=str(raw_dir), bundle=bundle
     )
-    again = workflow.submit_pipeline(
+    again = launch.submit_pipeline(
         changed, client=client, start=False, on_status=lines.append
     )
     assert again["PipelineArn"] == result["PipelineArn"]

@@ -644,8 +644,7 @@ def sagemaker_pipeline(
         if not sep:
             raise ConfigError(f"--param {item!r}: expected NAME=VALUE")
         parameters[name] = value
-    from sagewatch.sagemaker.launch import sagemaker_client
-    from sagewatch.sagemaker.workflow import submit_pipeline
+    from sagewatch.sagemaker.launch import sagemaker_client, submit_pipeline
 
     result = submit_pipeline(
         pipeline,

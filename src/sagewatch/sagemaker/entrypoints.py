@@ -233,7 +233,9 @@ def run_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     _log_epochs_at_info()
     detector, record = stage_train(settings, args.train, args.model_dir)
     Path(args.output_data_dir).mkdir(parents=True, exist_ok=True)
-    _write_record(record, args.output_data_dir, "train")
+    _write_record(
+        record, args.output_data_dir, os.environ.get("SM_CURRENT_HOST", "local")
+    )
     log.info(
         "trained %s on %d rows; threshold %.6g; detector in %s",
         settings.model.detector,
@@ -273,11 +275,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from sagewatch.pipeline import stage_evaluate
 
     settings = resolve_settings(args.config, parse_setting_args(args.set))
+    host, _ = current_host(args.resource_config)
     scores = os.path.join(args.input, "**", "*.parquet")
     report, record = stage_evaluate(
         settings, scores, args.output, context={"input": args.input}
     )
-    _write_record(record, args.output, "evaluate")
+    _write_record(record, args.output, host)
     log.info(
         "%d of %d rows flagged; report in %s",
         report["anomalies"],

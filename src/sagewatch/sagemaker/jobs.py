@@ -79,7 +79,9 @@ def stage_arguments(settings: Settings, stage: str) -> list[str]:
     return args
 
 
-def training_hyperparameters(settings: Settings, code_uri: str) -> dict[str, Any]:
+def training_hyperparameters(
+    settings: Settings, code_uri: str, region: str | None = None
+) -> dict[str, Any]:
     """Every feature, reference and model setting as a string, plus the toolkit's keys.
 
     Strings stay as they are, other values are JSON (``"false"``, ``"[64, 32]"``,
@@ -93,6 +95,8 @@ def training_hyperparameters(settings: Settings, code_uri: str) -> dict[str, Any
     hps["sagemaker_program"] = json.dumps(contract.TRAIN_PROGRAM)
     hps["sagemaker_submit_directory"] = json.dumps(code_uri)
     hps["sagemaker_container_log_level"] = "20"
+    if region:  # where the toolkit downloads the code archive from
+        hps["sagemaker_region"] = json.dumps(region)
     return hps
 
 
@@ -272,7 +276,7 @@ def training_request(
             f"training_instance_count={sm.training_instance_count}: distributed "
             "training is not implemented; the detector trains on one instance"
         )
-    hps = training_hyperparameters(settings, code_uri)
+    hps = training_hyperparameters(settings, code_uri, target.region)
     if epochs is not None:
         hps["epochs"] = epochs
     request: dict[str, Any] = {"TrainingJobName": job_name} if job_name else {}

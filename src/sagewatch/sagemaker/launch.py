@@ -1,4 +1,4 @@
-"""Submit planned jobs to SageMaker and follow them to the end.
+"""Submit planned jobs and pipelines to SageMaker and follow them to the end.
 
 Every AWS call goes through plain boto3, which takes region, credentials and
 endpoint from the standard AWS configuration (``AWS_ENDPOINT_URL`` too, so a local
@@ -18,6 +18,8 @@ from typing import Any
 from sagewatch import storage
 from sagewatch.errors import CloudError, ConfigError
 from sagewatch.sagemaker.plans import JobPlan, Upload
+from sagewatch.sagemaker.validation import validate_request
+from sagewatch.sagemaker.workflow import PipelinePlan
 
 log = logging.getLogger(__name__)
 
@@ -209,3 +211,132 @@ def _report(on_status: StatusCallback | None, line: str) -> None:
 
 def _snake(operation: str) -> str:
     return "".join(f"_{c.lower()}" if c.isupper() else c for c in operation).lstrip("_")
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def submit_pipeline(
+    plan: PipelinePlan,
+    *,
+    client: Any,
+    start: bool = True,
+    parameters: dict[str, str] | None = None,
+    wait: bool = True,
+    poll_seconds: float = 30,
+    on_status: StatusCallback | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Upload, create or update the pipeline, start an execution and follow it.
+
+    Returns the pipeline ARN and, when started, the execution's ARN and status.
+
+    Raises:
+        ConfigError: placeholders in the plan.
+        CloudError: a refused call, or an execution that failed or was stopped.
+    """
+    require_submittable(plan.placeholders)
+    for item in plan.uploads:
+        upload(item)
+    arn = upsert_pipeline(client, plan.request, on_status)
+    result: dict[str, Any] = {"PipelineArn": arn}
+    if not start:
+        return result
+    start_request: dict[str, Any] = {"PipelineName": plan.name}
+    if parameters:
+        start_request["PipelineParameters"] = [
+            {"Name": k, "Value": str(v)} for k, v in parameters.items()
+        ]
+    validate_request("StartPipelineExecution", start_request)
+    with aws_errors("StartPipelineExecution"):
+        execution = client.start_pipeline_execution(**start_request)
+    result["PipelineExecutionArn"] = execution["PipelineExecutionArn"]
+    _report(on_status, f"started execution {execution['PipelineExecutionArn']}")
+    if wait:
+        result["PipelineExecutionStatus"] = wait_for_execution(
+            client,
+            execution["PipelineExecutionArn"],
+            poll_seconds=poll_seconds,
+            on_status=on_status,
+            sleep=sleep,
+        )
+    return result
+
+
+def upsert_pipeline(
+    client: Any, request: dict[str, Any], on_status: StatusCallback | None = None
+) -> str:
+    """Create the pipeline, or update it when one of that name exists."""
+    from botocore.exceptions import ClientError
+
+    name = request["PipelineName"]
+    try:
+        client.describe_pipeline(PipelineName=name)
+        exists = True
+    except ClientError:
+        exists = False
+    operation = "UpdatePipeline" if exists else "CreatePipeline"
+    with aws_errors(operation):
+        if exists:
+            response = client.update_pipeline(**request)
+        else:
+            response = client.create_pipeline(**request)
+    _report(on_status, f"{'updated' if exists else 'created'} pipeline {name}")
+    return str(response["PipelineArn"])
+
+
+def wait_for_execution(
+    client: Any,
+    execution_arn: str,
+    *,
+    poll_seconds: float = 30,
+    on_status: StatusCallback | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str:
+    """Poll an execution until it ends; report its and its steps' status changes.
+
+    Raises:
+        CloudError: the execution failed or was stopped (with the failed steps'
+            reasons when SageMaker lists them).
+    """
+    seen: dict[str, str] = {}
+    while True:
+        with aws_errors("DescribePipelineExecution"):
+            execution = client.describe_pipeline_execution(
+                PipelineExecutionArn=execution_arn
+            )
+        status = execution["PipelineExecutionStatus"]
+        steps = _steps(client, execution_arn)
+        for step in steps:
+            line = f"step {step['StepName']}: {step.get('StepStatus', '?')}"
+            if seen.get(step["StepName"]) != line:
+                seen[step["StepName"]] = line
+                _report(on_status, line)
+        if seen.get("") != status:
+            seen[""] = status
+            _report(on_status, f"execution: {status}")
+        if status == "Succeeded":
+            return status
+        if status in {"Failed", "Stopped"}:
+            reasons = [execution.get("FailureReason")] + [
+                f"{s['StepName']}: {s['FailureReason']}"
+                for s in steps
+                if s.get("FailureReason")
+            ]
+            text = "; ".join(r for r in reasons if r) or "SageMaker gave no reason"
+            raise CloudError(f"pipeline execution {status.lower()}: {text}")
+        sleep(poll_seconds)
+
+
+def _steps(client: Any, execution_arn: str) -> list[dict[str, Any]]:
+    """The execution's steps, or none when the endpoint cannot list them."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        response = client.list_pipeline_execution_steps(
+            PipelineExecutionArn=execution_arn, SortOrder="Ascending"
+        )
+    except (ClientError, BotoCoreError) as exc:
+        log.debug("cannot list pipeline steps: %s", exc)
+        return []
+    return list(response.get("PipelineExecutionSteps", []))
