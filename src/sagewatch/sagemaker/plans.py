@@ -2,7 +2,7 @@
 
 A plan is what ``--plan`` prints and what :mod:`.launch` submits, so the printed
 JSON is exactly the request that is sent. Inputs given as local paths become
-uploads to a content-addressed prefix (``raw/<sha256>/``), so uploading twice
+uploads to a content-addressed prefix (``uploads/<sha256>/``), so uploading twice
 writes nothing new and a re-planned request names the same objects.
 """
 
@@ -88,10 +88,11 @@ def code_upload(settings: Settings, target: Target, bundle: SourceBundle) -> Upl
     )
 
 
-def input_upload(
-    settings: Settings, target: Target, local: str, *, kind: str = "raw"
-) -> Upload:
-    """Plan the upload of local data to ``<kind prefix>/<content hash>/``.
+def input_upload(settings: Settings, target: Target, local: str) -> Upload:
+    """Plan the upload of local data to ``uploads/<content hash>/``.
+
+    Uploads stay out of the stage prefixes (``raw/``, ``features/``), which jobs
+    read whole by default.
 
     Raises:
         NotFoundError: no table files at ``local``.
@@ -110,7 +111,7 @@ def input_upload(
         size += len(data)
         digest.update(f"{name}\0{len(data)}\0".encode() + data)
     sha = digest.hexdigest()
-    prefix = locations(settings, target)[kind]
+    prefix = locations(settings, target)["uploads"]
     return Upload(
         uri=f"{prefix}{sha[:16]}/",
         sha256=sha,
@@ -128,7 +129,7 @@ def _sources(
         return locations(settings, target)[kind], []
     if storage.is_s3(input_uri):
         return input_uri, []
-    upload = input_upload(settings, target, input_uri, kind=kind)
+    upload = input_upload(settings, target, input_uri)
     return upload.uri, [upload]
 
 

@@ -140,5 +140,6 @@ def locations(settings: Settings, target: Target) -> dict[str, str]:
         "scores": f"{root}/{d.scores_prefix.strip('/')}/",
         "evaluation": f"{root}/{d.evaluation_prefix.strip('/')}/",
         "code": f"{root}/code/",
+        "uploads": f"{root}/uploads/",
         "pipeline": f"{root}/pipeline",
     }
