@@ -33,6 +33,7 @@ ENV_VARS: dict[str, str] = {
     "SAGEMAKER_ROLE": "role",
     "SAGEMAKER_BUCKET": "bucket",
     "SAGEMAKER_REGION": "region",
+    "SAGEMAKER_IMAGE_URI": "image_uri",
 }
 
 
@@ -140,6 +141,11 @@ class SageMakerSettings(_Section):
     py_version: str = "py311"
     image_uri: str | None = None
     max_runtime_seconds: int = Field(default=3600, ge=60)
+    volume_size_gb: int = Field(default=30, ge=1)
+    spot_training: bool = False
+    pipeline_name: str = "sagewatch"
+    cache_expire_after: str | None = "P30D"
+    poll_seconds: int = Field(default=30, ge=1)
 
 
 _SECTIONS: dict[str, type[_Section]] = {
