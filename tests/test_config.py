@@ -53,6 +53,7 @@ def test_every_documented_env_var_lands_on_its_setting() -> None:
         "SAGEMAKER_ROLE": "arn:aws:iam::000000000000:role/example",
         "SAGEMAKER_BUCKET": "a-bucket",
         "SAGEMAKER_REGION": "eu-west-1",
+        "SAGEMAKER_IMAGE_URI": "example.invalid/pytorch:2.5",
     }
     assert set(values) == set(ENV_VARS)
 
@@ -70,6 +71,7 @@ def test_every_documented_env_var_lands_on_its_setting() -> None:
         "role": "arn:aws:iam::000000000000:role/example",
         "bucket": "a-bucket",
         "region": "eu-west-1",
+        "image_uri": "example.invalid/pytorch:2.5",
     }
 
 
