@@ -47,7 +47,8 @@ def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except SagewatchError as exc:
             if _State.verbosity > 0:
                 log.exception("failed")
-            click.echo(f"error: {exc}", err=True)
+            lines = [line.strip() for line in str(exc).splitlines()]
+            click.echo(f"error: {' '.join(line for line in lines if line)}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

@@ -14,9 +14,17 @@ from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sagewatch.errors import ConfigError
 
@@ -50,6 +58,8 @@ class DataSettings(_Section):
     passthrough_columns: list[str] = Field(
         default_factory=lambda: ["changepoint", "anomaly_kind"]
     )
+    timezone: str = "UTC"
+    timestamp_format: str | None = None
     sep: str | None = None
     label_windows: str | None = None
     raw_data_prefix: str = "raw"
@@ -57,6 +67,18 @@ class DataSettings(_Section):
     model_prefix: str = "model"
     scores_prefix: str = "scores"
     evaluation_prefix: str = "evaluation"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(
+                f"unknown timezone {value!r}; expected an IANA name "
+                "such as UTC or Europe/Berlin"
+            ) from exc
+        return value
 
 
 class QualitySettings(_Section):
@@ -68,6 +90,8 @@ class QualitySettings(_Section):
     max_fill_gap: int = Field(default=3, ge=0)
     drop_unfilled_rows: bool = True
     max_abs_value: float = Field(default=1e12, gt=0)
+    max_drop_fraction: float = Field(default=0.1, ge=0, le=1)
+    max_sensors: int = Field(default=1000, ge=1)
 
 
 class ReferenceSettings(_Section):

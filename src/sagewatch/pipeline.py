@@ -115,7 +115,12 @@ def stage_features(
 ) -> tuple[pl.DataFrame, StageRecord]:
     """Validate raw input and write its rolling features to ``output_dir``."""
     with _Timer() as timer:
-        data = dataset or load_raw(input_uri, settings.data, settings.quality)
+        data = dataset or load_raw(
+            input_uri,
+            settings.data,
+            settings.quality,
+            rolling_window=settings.features.rolling_window,
+        )
         features = build_features(
             data.frame, data.sensors, settings.features, data.passthrough
         )
@@ -291,10 +296,12 @@ def run(
     detector, record = stage_train(
         settings, features, paths["model"], progress=progress
     )
+    record.inputs = stages[-1].outputs  # the features, passed on in memory
     stages.append(record)
     scores, record = stage_score(
         settings, features, detector, paths["scores"], progress=progress
     )
+    record.inputs = stages[-2].outputs + stages[-1].outputs  # features and model
     stages.append(record)
     context = {
         "input": input_uri,
