@@ -52,14 +52,14 @@ class DataSettings(_Section):
     """How an input table maps onto the schema, and where stage outputs go."""
 
     timestamp_column: str = "timestamp"
+    timezone: str = "UTC"
+    timestamp_format: str | None = None
     entity_column: str | None = "machine_id"
     label_column: str | None = "anomaly"
     sensor_columns: list[str] | None = None
     passthrough_columns: list[str] = Field(
         default_factory=lambda: ["changepoint", "anomaly_kind"]
     )
-    timezone: str = "UTC"
-    timestamp_format: str | None = None
     sep: str | None = None
     label_windows: str | None = None
     raw_data_prefix: str = "raw"

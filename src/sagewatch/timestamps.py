@@ -98,7 +98,7 @@ def _parse_iso(text: pl.Series, zone: str, locate: Locate) -> pl.Series:
         sign
         * (
             digits.str.slice(1, 2).cast(pl.Int64) * 60
-            + digits.str.slice(3, 2).cast(pl.Int64).fill_null(0)
+            + digits.str.slice(3, 2).cast(pl.Int64, strict=False).fill_null(0)
         )
     ).to_series()
     utc = local.cast(pl.Int64) - minutes * 60_000_000  # microseconds
