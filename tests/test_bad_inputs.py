@@ -127,8 +127,8 @@ def test_semicolon_separator_is_guessed(tmp_path: Path) -> None:
     # Decimal commas are not numbers: the guessed separator is right, the value not.
     assert _refusal(path) == (
         f"{path}: no numeric sensor columns found among ['timestamp', 'machine_id', "
-        "'temp'] ('temp' holds text such as '1,5'); expected at least one column of "
-        "numbers, or set sensor_columns"
+        "'temp'] ('temp' holds text values such as '1,5'); expected at least one "
+        "column of numbers, or set sensor_columns"
     )
     text = "timestamp;machine_id;temp\n2024-01-01 00:00:00;m1;1.5\n"
     assert _load(_file(tmp_path, text)).frame["temp"].to_list() == [1.5]
@@ -141,6 +141,11 @@ def test_bom_and_crlf_read_like_a_plain_file(tmp_path: Path) -> None:
     windows = _load(_file(tmp_path, b"\xef\xbb\xbf" + crlf, "windows.csv"))
     assert windows.frame.equals(plain.frame)
     assert windows.sensors == ["temp", "pres"]
+
+
+def test_utf16_file_is_refused(tmp_path: Path) -> None:
+    path = _file(tmp_path, _rows(f"{_t(0)},m1,1,2").encode("utf-16"))
+    assert _refusal(path) == f"{path}: the file is UTF-16 text; expected UTF-8"
 
 
 def test_files_with_different_columns_are_refused(tmp_path: Path) -> None:
@@ -516,6 +521,14 @@ def test_label_other_than_0_or_1_is_refused(tmp_path: Path) -> None:
     )
 
 
+def test_missing_label_is_refused(tmp_path: Path) -> None:
+    text = f"timestamp,machine_id,temp,anomaly\n{_t(0)},m1,1,0\n{_t(1)},m1,1,\n"
+    path = _file(tmp_path, text)
+    assert _refusal(path) == (
+        f"{path}, line 3, entity 'm1', column 'anomaly': label missing; expected 0 or 1"
+    )
+
+
 def test_labels_written_as_floats_are_read(tmp_path: Path) -> None:
     text = f"timestamp,machine_id,temp,anomaly\n{_t(0)},m1,1,0.0\n{_t(1)},m1,1,1.0\n"
     data = _load(_file(tmp_path, text))
@@ -803,3 +816,33 @@ def test_cli_reports_bad_input_in_one_line_without_a_traceback(
     assert expected in lines[0]
     assert "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == [path]  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (
+            ["train", "--model-dir", "{dir}/model"],
+            "{path}: no '<sensor>__<statistic>' columns or no typed timestamps; "
+            "expected a features table written by `sagewatch features` (Parquet)",
+        ),
+        (
+            ["evaluate", "--output-dir", "{dir}/evaluation"],
+            "{path}: columns ['anomaly_score', 'threshold', 'is_anomaly', "
+            "'top_sensor'] not found; expected anomaly_scores.csv or .parquet written "
+            "by `sagewatch score`",
+        ),
+    ],
+    ids=["train-on-raw", "evaluate-on-raw"],
+)
+def test_cli_refuses_a_table_from_the_wrong_stage(
+    tmp_path: Path, command: list[str], expected: str
+) -> None:
+    path = _file(tmp_path, _rows(f"{_t(0)},m1,1,2", f"{_t(1)},m1,2,3"))
+    args = [a.format(dir=tmp_path) for a in command]
+    result = CliRunner().invoke(
+        main, ["-q", *args[:1], "--input", str(path), *args[1:]]
+    )
+    assert result.exit_code == 3, result.output
+    assert result.stderr == f"error: {expected.format(path=path)}\n"
+    assert list(tmp_path.iterdir()) == [path]

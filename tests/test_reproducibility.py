@@ -130,3 +130,9 @@ def test_manifest_names_the_input_bytes_and_config_of_the_scores(
     quality = stages["features"]["details"]["quality"]
     assert quality["rows_in"] == quality["rows_out"] == 240
     assert quality["dropped"] == {}
+    report = json.loads(
+        (first_run / "evaluation" / "evaluation_report.json").read_text()
+    )
+    assert report["context"]["data_quality"] == quality
+    page = (first_run / "evaluation" / "evaluation_report.html").read_text()
+    assert "<h2>Input data quality</h2>" in page

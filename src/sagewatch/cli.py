@@ -91,6 +91,16 @@ def input_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Timestamp column (default timestamp).",
         ),
         click.option(
+            "--timezone",
+            default=None,
+            help="Zone of timestamps without a UTC offset (default UTC).",
+        ),
+        click.option(
+            "--timestamp-format",
+            default=None,
+            help="strftime layout of non-ISO timestamps, e.g. '%d/%m/%Y %H:%M'.",
+        ),
+        click.option(
             "--entity-column",
             default=None,
             help="Entity column (default machine_id; absent = one entity per file).",

@@ -207,7 +207,7 @@ def _check_column_names(raw: pl.DataFrame, data: DataSettings) -> None:
     """Refuse duplicated headers and columns that would be silently overwritten."""
     source = raw[SOURCE][0]
     for name in raw.columns:
-        match = re.fullmatch(r"(.+)_duplicated_\d+", name)
+        match = re.fullmatch(r"(.*)_duplicated_\d+", name)
         if match and match.group(1) in raw.columns:
             raise InputError(
                 f"{source}: column name {match.group(1)!r} appears more than once "
@@ -256,11 +256,16 @@ def _sensor_columns(
             "starting with '__')"
         )
     if not sensors:
-        text = [c for c in frame.columns if c not in taken]
-        example = (
-            f" ({text[0]!r} holds text such as {frame[text[0]].drop_nulls()[0]!r})"
-            if text and frame[text[0]].drop_nulls().len()
-            else ""
+        others = [frame[c] for c in frame.columns if c not in taken]
+        example = next(
+            (
+                f" ({c.name!r} holds "
+                f"{'text' if c.dtype == pl.String else c.dtype} values such as "
+                f"{c.drop_nulls()[0]!r})"
+                for c in others
+                if c.drop_nulls().len()
+            ),
+            "",
         )
         raise InputError(
             f"{source}: no numeric sensor columns found among {_listing(frame)}"
@@ -406,7 +411,9 @@ def _attach_label(
     if bad.any():
         row = _first(bad)
         raise InputError(
-            f"{where(frame, row, column)}: label {values[row]!r}; expected 0 or 1"
+            f"{where(frame, row, column)}: label "
+            f"{'missing' if values[row] in (None, '') else repr(values[row])}; "
+            "expected 0 or 1"
         )
     return frame.with_columns(numeric.cast(pl.Int8).alias(LABEL))
 

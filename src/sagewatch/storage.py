@@ -378,6 +378,8 @@ def _read_one(uri: str, sep: str | None) -> pl.DataFrame:
 def _parse_csv(uri: str, data: bytes, sep: str | None) -> pl.DataFrame:
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise InputError(f"{uri}: the file is UTF-16 text; expected UTF-8")
     if not data.strip():
         raise InputError(
             f"{uri}: the file is empty; expected a header row and data rows"
