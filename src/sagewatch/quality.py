@@ -1,7 +1,10 @@
 """Repair rules for messy sensor tables, and the data-quality summary.
 
-The rules run in this order on a table already mapped by :mod:`sagewatch.schema`;
-each one either repairs (counted in the report and logged as a warning) or refuses
+Before any column is mapped, files read together must have the same columns, a
+header may not name a column twice, and no column may carry a canonical name
+(``timestamp``, ``machine_id``, ``label``) it is not mapped to. Then the row rules
+run in this order on the table :mod:`sagewatch.schema` mapped; each one either
+repairs (counted in the report and logged as a warning) or refuses
 with an :class:`InputError` naming file, line, entity and column:
 
 1. NaN, ±inf and readings beyond ``max_abs_value`` become missing readings.
@@ -21,15 +24,62 @@ Rows are always put in canonical order (entity, then time); that is not a repair
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import polars as pl
 
-from sagewatch.config import QualitySettings
+from sagewatch.config import DataSettings, QualitySettings
 from sagewatch.errors import InputError
-from sagewatch.schema import ENTITY, LINE, SOURCE, TIMESTAMP, where
+from sagewatch.schema import ENTITY, LABEL, LINE, SOURCE, TIMESTAMP, where
 
 log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- columns
+
+
+def check_same_columns(frames: list[pl.DataFrame], data: DataSettings) -> None:
+    """Files read together must name the same columns (passthrough may differ)."""
+    optional = set(data.passthrough_columns)
+    expected = [c for c in frames[0].columns if c not in optional]
+    for frame in frames[1:]:
+        names = [c for c in frame.columns if c not in optional]
+        missing = [c for c in expected if c not in names]
+        extra = [c for c in names if c not in expected]
+        if missing or extra:
+            raise InputError(
+                f"{frame[SOURCE][0]}: columns differ from {frames[0][SOURCE][0]}: "
+                f"missing {missing}, extra {extra}; expected every file to have "
+                "the same columns"
+            )
+
+
+def check_column_names(raw: pl.DataFrame, data: DataSettings) -> None:
+    """Refuse duplicated headers and columns that would be silently overwritten."""
+    source = raw[SOURCE][0]
+    for name in raw.columns:
+        match = re.fullmatch(r"(.*)_duplicated_\d+", name)
+        if match and match.group(1) in raw.columns:
+            raise InputError(
+                f"{source}: column name {match.group(1)!r} appears more than once "
+                "in the header; expected unique column names"
+            )
+    roles = {
+        TIMESTAMP: ("timestamp_column", data.timestamp_column),
+        ENTITY: ("entity_column", data.entity_column),
+        LABEL: ("label_column", None if data.label_windows else data.label_column),
+    }
+    for canonical, (setting, mapped) in roles.items():
+        if canonical in raw.columns and mapped != canonical:
+            raise InputError(
+                f"{source}: column {canonical!r} would be overwritten by the "
+                f"column mapped by {setting} ({mapped!r}); rename it, or set "
+                f"{setting}: {canonical}"
+            )
+
+
+# ----------------------------------------------------------------------------- rows
 
 
 def repair(

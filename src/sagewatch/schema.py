@@ -16,7 +16,6 @@ Notes:
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +70,8 @@ def load_raw(
         InputError: the data breaks the contract in a way no rule repairs.
         StorageError: the URI cannot be read.
     """
+    from sagewatch.quality import check_same_columns
+
     frames = []
     for path in storage.list_files(uri):
         frame = storage.read_table(path, sep=data.sep)
@@ -80,7 +81,7 @@ def load_raw(
                 "least one row of readings"
             )
         frames.append(_with_position(frame, path))
-    _check_same_columns(frames, data)
+    check_same_columns(frames, data)
     try:
         raw = pl.concat(frames, how="diagonal_relaxed")
     except pl.exceptions.PolarsError as exc:
@@ -105,13 +106,13 @@ def validate(
     Raises:
         InputError: the table breaks the contract in a way no rule repairs.
     """
-    from sagewatch.quality import repair, summarize
+    from sagewatch.quality import check_column_names, repair, summarize
 
     if raw.height == 0:
         raise InputError(f"{source}: no data rows (the file is header only or empty)")
     if SOURCE not in raw.columns:
         raw = _with_position(raw, source)
-    _check_column_names(raw, data)
+    check_column_names(raw, data)
     report: dict[str, Any] = {"rows_in": raw.height, "dropped": {}, "repaired": {}}
 
     frame = raw.with_columns(_parse_timestamps(raw, data))
@@ -185,46 +186,6 @@ def _mapped(data: DataSettings) -> set[str]:
     return {c for c in (data.timestamp_column, data.entity_column) if c} | (
         {data.label_column} if data.label_column else set()
     )
-
-
-def _check_same_columns(frames: list[pl.DataFrame], data: DataSettings) -> None:
-    """Files read together must name the same columns (passthrough may differ)."""
-    optional = set(data.passthrough_columns)
-    expected = [c for c in frames[0].columns if c not in optional]
-    for frame in frames[1:]:
-        names = [c for c in frame.columns if c not in optional]
-        missing = [c for c in expected if c not in names]
-        extra = [c for c in names if c not in expected]
-        if missing or extra:
-            raise InputError(
-                f"{frame[SOURCE][0]}: columns differ from {frames[0][SOURCE][0]}: "
-                f"missing {missing}, extra {extra}; expected every file to have "
-                "the same columns"
-            )
-
-
-def _check_column_names(raw: pl.DataFrame, data: DataSettings) -> None:
-    """Refuse duplicated headers and columns that would be silently overwritten."""
-    source = raw[SOURCE][0]
-    for name in raw.columns:
-        match = re.fullmatch(r"(.*)_duplicated_\d+", name)
-        if match and match.group(1) in raw.columns:
-            raise InputError(
-                f"{source}: column name {match.group(1)!r} appears more than once "
-                "in the header; expected unique column names"
-            )
-    roles = {
-        TIMESTAMP: ("timestamp_column", data.timestamp_column),
-        ENTITY: ("entity_column", data.entity_column),
-        LABEL: ("label_column", None if data.label_windows else data.label_column),
-    }
-    for canonical, (setting, mapped) in roles.items():
-        if canonical in raw.columns and mapped != canonical:
-            raise InputError(
-                f"{source}: column {canonical!r} would be overwritten by the "
-                f"column mapped by {setting} ({mapped!r}); rename it, or set "
-                f"{setting}: {canonical}"
-            )
 
 
 def _sensor_columns(
