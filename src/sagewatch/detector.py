@@ -45,13 +45,15 @@ class Scaler:
     Notes:
         A feature that was (nearly) constant in the reference period would get a
         tiny standard deviation, and any later change would score astronomically.
-        The scale is therefore floored at ``rel_floor`` times the typical magnitude
-        of the feature's sensor (the largest mean absolute value among the features
-        in its ``groups`` entry, so a sensor's spread and change rate share the
-        floor of its level) and at ``abs_floor``: a constant 96.0 that turns into
-        93.0 scores about 31 per feature, not 3e8. A sensor that was exactly 0.0
-        throughout the reference period keeps the ``abs_floor``; any later reading
-        away from 0 is clipped at ``_CLIP`` standard units.
+        The scale is therefore floored at ``rel_floor`` times the feature's typical
+        magnitude (and at ``abs_floor``), so a constant 96.0 that turns into 93.0
+        scores about 31, not 3e8. The spread, slope and change rate of a constant
+        sensor are all exactly 0, so they have no magnitude of their own: when
+        ``groups`` names each feature's sensor, a feature whose spread is zero to
+        within rounding (at most ``1e-6`` of its sensor's level) is floored at
+        ``rel_floor`` times that level instead. A sensor that was exactly 0.0
+        throughout the reference period keeps ``abs_floor``; any later reading away
+        from 0 is clipped at ``_CLIP`` standard units.
     """
 
     def __init__(self, *, rel_floor: float = 1e-3, abs_floor: float = 1e-6) -> None:
@@ -63,14 +65,16 @@ class Scaler:
         self.center_ = x.mean(axis=0)
         spread = x.std(axis=0)
         magnitude = np.abs(x).mean(axis=0)
+        floor = np.maximum(self.rel_floor * magnitude, self.abs_floor)
         if groups is not None:
             ids = np.asarray(groups)
             level = np.zeros(ids.max() + 1)
             np.maximum.at(level, ids, magnitude)
-            magnitude = level[ids]
-        self.scale_ = np.maximum(
-            spread, np.maximum(self.rel_floor * magnitude, self.abs_floor)
-        )
+            degenerate = spread <= 1e-6 * level[ids]
+            floor = np.where(
+                degenerate, np.maximum(floor, self.rel_floor * level[ids]), floor
+            )
+        self.scale_ = np.maximum(spread, floor)
         return self
 
     def transform(self, x: np.ndarray) -> np.ndarray:
