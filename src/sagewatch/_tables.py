@@ -48,6 +48,8 @@ def _gunzip(uri: str, data: bytes) -> bytes:
 def _parse_csv(uri: str, data: bytes, sep: str | None) -> pl.DataFrame:
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise InputError(f"{uri}: the file is UTF-16 text; expected UTF-8")
     if not data.strip():
         raise InputError(
             f"{uri}: the file is empty; expected a header row and data rows"
@@ -55,21 +57,46 @@ def _parse_csv(uri: str, data: bytes, sep: str | None) -> pl.DataFrame:
     separator = sep or sniff_separator(data)
     options: dict[str, Any] = {"separator": separator, "try_parse_dates": False}
     try:
-        return pl.read_csv(io.BytesIO(data), infer_schema_length=10_000, **options)
+        frame = pl.read_csv(io.BytesIO(data), infer_schema_length=10_000, **options)
     except pl.exceptions.ComputeError:
         # A column that looked numeric early on holds text later: read all as text
         # and let schema validation name the first bad value.
-        pass
+        frame = None
     except pl.exceptions.PolarsError as exc:
-        raise InputError(
-            f"{uri}: cannot parse as CSV with separator {separator!r}: {exc}"
-        ) from exc
-    try:
-        return pl.read_csv(io.BytesIO(data), infer_schema_length=0, **options)
-    except pl.exceptions.PolarsError as exc:
-        raise InputError(
-            f"{uri}: cannot parse as CSV with separator {separator!r}: {exc}"
-        ) from exc
+        raise _csv_error(uri, data, separator, exc) from exc
+    if frame is None:
+        try:
+            frame = pl.read_csv(io.BytesIO(data), infer_schema_length=0, **options)
+        except pl.exceptions.PolarsError as exc:
+            raise _csv_error(uri, data, separator, exc) from exc
+    if frame.width and frame[frame.columns[-1]].null_count():
+        # Polars pads a short line with nulls; only then is the slow check needed.
+        _check_field_counts(uri, data, separator)
+    return frame
+
+
+def _csv_error(uri: str, data: bytes, separator: str, exc: Exception) -> InputError:
+    _check_field_counts(uri, data, separator)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
+    return InputError(
+        f"{uri}: cannot parse as CSV with separator {separator!r}: {first}"
+    )
+
+
+def _check_field_counts(uri: str, data: bytes, separator: str) -> None:
+    """Refuse the first line whose field count differs from the header's."""
+    import csv
+
+    text = io.StringIO(data.decode("utf-8", errors="replace"), newline="")
+    reader = csv.reader(text, delimiter=separator)
+    header = next(reader, [])
+    for row in reader:
+        if row and len(row) != len(header):
+            raise InputError(
+                f"{uri}, line {reader.line_num}: {len(row)} fields, the header has "
+                f"{len(header)}; expected one field per column (a line cut short, or "
+                "the wrong separator?)"
+            )
 
 
 def sniff_separator(data: bytes) -> str:

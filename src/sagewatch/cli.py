@@ -47,7 +47,8 @@ def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except SagewatchError as exc:
             if _State.verbosity > 0:
                 log.exception("failed")
-            click.echo(f"error: {exc}", err=True)
+            lines = [line.strip() for line in str(exc).splitlines()]
+            click.echo(f"error: {' '.join(line for line in lines if line)}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -88,6 +89,16 @@ def input_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "--timestamp-column",
             default=None,
             help="Timestamp column (default timestamp).",
+        ),
+        click.option(
+            "--timezone",
+            default=None,
+            help="Zone of timestamps without a UTC offset (default UTC).",
+        ),
+        click.option(
+            "--timestamp-format",
+            default=None,
+            help="strftime layout of non-ISO timestamps, e.g. '%d/%m/%Y %H:%M'.",
         ),
         click.option(
             "--entity-column",

@@ -14,9 +14,17 @@ from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sagewatch.errors import ConfigError
 
@@ -45,6 +53,8 @@ class DataSettings(_Section):
     """How an input table maps onto the schema, and where stage outputs go."""
 
     timestamp_column: str = "timestamp"
+    timezone: str = "UTC"
+    timestamp_format: str | None = None
     entity_column: str | None = "machine_id"
     label_column: str | None = "anomaly"
     sensor_columns: list[str] | None = None
@@ -59,6 +69,18 @@ class DataSettings(_Section):
     scores_prefix: str = "scores"
     evaluation_prefix: str = "evaluation"
 
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(
+                f"unknown timezone {value!r}; expected an IANA name "
+                "such as UTC or Europe/Berlin"
+            ) from exc
+        return value
+
 
 class QualitySettings(_Section):
     """Repair rules for messy input: what is fixed and what is refused."""
@@ -69,6 +91,8 @@ class QualitySettings(_Section):
     max_fill_gap: int = Field(default=3, ge=0)
     drop_unfilled_rows: bool = True
     max_abs_value: float = Field(default=1e12, gt=0)
+    max_drop_fraction: float = Field(default=0.1, ge=0, le=1)
+    max_sensors: int = Field(default=1000, ge=1)
 
 
 class ReferenceSettings(_Section):

@@ -277,6 +277,7 @@ def render_html(
         sections.append(
             _table([{"sensor": k, "rows": v} for k, v in report["top_sensors"].items()])
         )
+    sections.append(_quality_section(report.get("context", {}).get("data_quality")))
     body = "\n".join(sections)
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
@@ -305,6 +306,26 @@ def _summary_table(report: dict[str, Any]) -> str:
         },
     ]
     return "<h2>Summary</h2>" + _table(rows)
+
+
+def _quality_section(quality: dict[str, Any] | None) -> str:
+    """What input validation repaired and dropped, from the features stage."""
+    if not quality:
+        return ""
+    rows = [
+        {"what": "input rows", "value": quality.get("rows_in")},
+        {"what": "rows kept", "value": quality.get("rows_out")},
+        *({"what": f"dropped: {k}", "value": v} for k, v in quality["dropped"].items()),
+        *(
+            {"what": f"repaired: {k}", "value": v}
+            for k, v in quality["repaired"].items()
+        ),
+    ]
+    for key in ("empty_sensors", "constant_sensors", "ignored_columns"):
+        if quality.get(key):
+            rows.append({"what": key.replace("_", " "), "value": quality[key]})
+    sensors = [{"sensor": k, **v} for k, v in quality.get("sensors", {}).items()]
+    return "<h2>Input data quality</h2>" + _table(rows) + _table(sensors)
 
 
 def _metrics_table(metrics: dict[str, Any] | None) -> str:

@@ -22,10 +22,11 @@ import polars as pl
 from sagewatch import __version__, storage
 from sagewatch.config import Settings
 from sagewatch.detector import Detector
+from sagewatch.errors import InputError
 from sagewatch.evaluation import write_report
 from sagewatch.features import build_features, feature_names, sensors_of
 from sagewatch.schema import ENTITY, TIMESTAMP, Dataset, load_raw
-from sagewatch.scoring import score_features
+from sagewatch.scoring import SCORE_COLUMNS, score_features
 from sagewatch.synthetic import generate
 from sagewatch.training import fit_detector
 
@@ -115,7 +116,12 @@ def stage_features(
 ) -> tuple[pl.DataFrame, StageRecord]:
     """Validate raw input and write its rolling features to ``output_dir``."""
     with _Timer() as timer, storage.track_reads() as reads:
-        data = dataset or load_raw(input_uri, settings.data, settings.quality)
+        data = dataset or load_raw(
+            input_uri,
+            settings.data,
+            settings.quality,
+            rolling_window=settings.features.rolling_window,
+        )
         features = build_features(
             data.frame, data.sensors, settings.features, data.passthrough
         )
@@ -144,10 +150,18 @@ def stage_train(
 ) -> tuple[Detector, StageRecord]:
     """Fit a detector on the reference period and save it to ``model_dir``."""
     with _Timer() as timer, storage.track_reads() as reads:
+        source = features if isinstance(features, str) else "features"
         if isinstance(features, str):
             features = read_features(features)
         columns = feature_names(
             sensors_of(features.columns), settings.features.statistics
+        )
+        _require(
+            features,
+            source,
+            columns,
+            "every feature of the configured statistics (compute the features "
+            "with the same statistics)",
         )
         detector, info = fit_detector(features, columns, settings, progress=progress)
         fingerprint = hashlib.sha256(
@@ -247,20 +261,47 @@ def stage_evaluate(
 
 
 def read_features(uri: str) -> pl.DataFrame:
-    """Read a features table (file or folder of parts) in canonical order."""
-    return storage.read_table(uri).sort([ENTITY, TIMESTAMP], maintain_order=True)
+    """Read a features table (file or folder of parts) in canonical order.
+
+    Raises:
+        InputError: the table is not one ``sagewatch features`` wrote.
+    """
+    features = storage.read_table(uri)
+    what = "a features table written by `sagewatch features` (Parquet)"
+    _require(features, uri, [TIMESTAMP, ENTITY], what)
+    if not sensors_of(features.columns) or features.schema[TIMESTAMP] != pl.Datetime:
+        raise InputError(
+            f"{uri}: no '<sensor>__<statistic>' columns or no typed timestamps; "
+            f"expected {what}"
+        )
+    return features.sort([ENTITY, TIMESTAMP], maintain_order=True)
 
 
 def read_scores(uri: str) -> pl.DataFrame:
-    """Read a scores table written by :func:`stage_score` (CSV or Parquet)."""
+    """Read a scores table written by :func:`stage_score` (CSV or Parquet).
+
+    Raises:
+        InputError: the table is not one ``sagewatch score`` wrote.
+    """
     scores = storage.read_table(uri)
+    what = "anomaly_scores.csv or .parquet written by `sagewatch score`"
+    _require(scores, uri, [TIMESTAMP, ENTITY, *SCORE_COLUMNS[:4]], what)
     if scores.schema.get("timestamp") == pl.String:
-        scores = scores.with_columns(
-            pl.col("timestamp").str.to_datetime(time_zone="UTC", time_unit="us")
-        )
+        try:
+            scores = scores.with_columns(
+                pl.col("timestamp").str.to_datetime(time_zone="UTC", time_unit="us")
+            )
+        except pl.exceptions.PolarsError as exc:
+            raise InputError(f"{uri}: unreadable timestamps; expected {what}") from exc
     return scores.with_columns(
         pl.col("machine_id").cast(pl.String), pl.col("top_sensor").cast(pl.String)
     )
+
+
+def _require(frame: pl.DataFrame, uri: str, columns: list[str], what: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise InputError(f"{uri}: columns {missing} not found; expected {what}")
 
 
 # ----------------------------------------------------------------------------- run
