@@ -80,6 +80,17 @@ def test_stages_one_by_one_write_their_outputs(tmp_path: Path) -> None:
         assert code == 0, (step, out)
     table = pl.read_csv(scores / "anomaly_scores.csv")
     assert table.height == 600
+    for folder, stage in [(raw, "generate"), (feats, "features"), (model, "train")]:
+        manifest = json.loads((folder / f"{stage}_manifest.json").read_text())
+        assert manifest["stages"][0]["name"] == stage
+        assert manifest["stages"][0]["outputs"]
+    trained = json.loads((model / "train_manifest.json").read_text())
+    assert trained["config"]["model"]["epochs"] == 3
+    scored = json.loads((scores / "score_manifest.json").read_text())["stages"][0]
+    assert {i["uri"] for i in scored["inputs"]} >= {
+        str(model / "weights.pt"),
+        str(model / "detector.json"),
+    }
     report = json.loads((ev / "evaluation_report.json").read_text())
     assert len(report["top_anomalies"]) == 5
     assert set(report["score_statistics"]["percentiles"]) == {"p50", "p99.9"}

@@ -65,6 +65,18 @@ def _progress() -> bool:
     return _State.verbosity >= 0 and sys.stderr.isatty()
 
 
+def _stage_manifest(settings: Settings, record: Any, output_dir: str) -> None:
+    """Leave ``<stage>_manifest.json`` beside a single stage's outputs."""
+    from datetime import UTC, datetime, timedelta
+
+    from sagewatch import storage
+    from sagewatch.pipeline import write_manifest
+
+    started = datetime.now(UTC) - timedelta(seconds=record.seconds)
+    uri = storage.join(output_dir, f"{record.name}_manifest.json")
+    write_manifest(uri, settings, [record], started=started)
+
+
 # ----------------------------------------------------------------------------- options
 
 config_option = click.option(
@@ -280,7 +292,9 @@ def generate_cmd(output_dir: str, config: str | None, **kwargs: Any) -> None:
     """Write a synthetic data set with labelled anomalies."""
     from sagewatch.pipeline import stage_generate
 
-    uri, record = stage_generate(_settings(config, **_flags(kwargs)), output_dir)
+    settings = _settings(config, **_flags(kwargs))
+    uri, record = stage_generate(settings, output_dir)
+    _stage_manifest(settings, record, output_dir)
     click.echo(f"wrote {record.rows_out} rows to {uri}")
 
 
@@ -301,9 +315,9 @@ def features_cmd(
     """Validate raw data and compute rolling features."""
     from sagewatch.pipeline import stage_features
 
-    _, record = stage_features(
-        _settings(config, **_flags(kwargs)), input_uri, output_dir
-    )
+    settings = _settings(config, **_flags(kwargs))
+    _, record = stage_features(settings, input_uri, output_dir)
+    _stage_manifest(settings, record, output_dir)
     click.echo(f"wrote {record.rows_out} feature rows to {record.outputs[0]['uri']}")
 
 
@@ -322,9 +336,9 @@ def train_cmd(
     """Fit a detector on the reference period of a features table."""
     from sagewatch.pipeline import stage_train
 
-    detector, record = stage_train(
-        _settings(config, **_flags(kwargs)), input_uri, model_dir, progress=_progress()
-    )
+    settings = _settings(config, **_flags(kwargs))
+    detector, record = stage_train(settings, input_uri, model_dir, progress=_progress())
+    _stage_manifest(settings, record, model_dir)
     click.echo(
         f"trained on {record.rows_out} rows; threshold {detector.threshold_:.6g}; "
         f"saved to {model_dir}"
@@ -345,9 +359,11 @@ def score_cmd(
     """Score a features table with a saved detector."""
     from sagewatch.pipeline import stage_score
 
+    settings = _settings(config)
     scores, record = stage_score(
-        _settings(config), input_uri, model_dir, output_dir, progress=_progress()
+        settings, input_uri, model_dir, output_dir, progress=_progress()
     )
+    _stage_manifest(settings, record, output_dir)
     click.echo(
         f"scored {scores.height} rows, {record.details['flagged']} flagged; "
         f"wrote {record.outputs[0]['uri']}"
@@ -392,6 +408,7 @@ def evaluate_cmd(
             ) from exc
     settings = _settings(config, top_n=top_n, percentiles=parsed)
     report, record = stage_evaluate(settings, input_uri, output_dir)
+    _stage_manifest(settings, record, output_dir)
     click.echo(
         f"{report['anomalies']} of {report['evaluated_rows']} rows flagged; "
         f"report at {record.outputs[-1]['uri']}"
