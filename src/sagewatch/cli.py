@@ -334,11 +334,11 @@ def score_cmd(
     """Score a features table with a saved detector."""
     from sagewatch.pipeline import stage_score
 
-    scores, record = stage_score(
+    _, record = stage_score(
         _settings(config), input_uri, model_dir, output_dir, progress=_progress()
     )
     click.echo(
-        f"scored {scores.height} rows, {record.details['flagged']} flagged; "
+        f"scored {record.rows_out} rows, {record.details['flagged']} flagged; "
         f"wrote {record.outputs[0]['uri']}"
     )
 

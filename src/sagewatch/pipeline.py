@@ -19,7 +19,7 @@ from typing import Any
 
 import polars as pl
 
-from sagewatch import __version__, storage
+from sagewatch import __version__, storage, streaming
 from sagewatch.config import Settings
 from sagewatch.detector import Detector
 from sagewatch.evaluation import write_report
@@ -112,27 +112,54 @@ def stage_features(
     output_dir: str,
     *,
     dataset: Dataset | None = None,
-) -> tuple[pl.DataFrame, StageRecord]:
-    """Validate raw input and write its rolling features to ``output_dir``."""
+    progress: bool = False,
+    chunk_rows: int = streaming.CHUNK_ROWS,
+) -> tuple[pl.DataFrame | str, StageRecord]:
+    """Validate raw input and write its rolling features to ``output_dir``.
+
+    Input grouped by entity streams in chunks of ``chunk_rows`` rows and the
+    features come back as the URI of ``output_dir``; a ``dataset`` already in
+    memory, or input whose entities are interleaved, gives a table.
+    """
     with _Timer() as timer:
-        data = dataset or load_raw(input_uri, settings.data, settings.quality)
-        features = build_features(
-            data.frame, data.sensors, settings.features, data.passthrough
-        )
-        infos = storage.write_partitioned(
-            features, output_dir, by=ENTITY, stem=FEATURES_STEM
-        )
+        streamed = None
+        if dataset is None:
+            try:
+                streamed = streaming.stream_features(
+                    settings,
+                    input_uri,
+                    output_dir,
+                    chunk_rows=chunk_rows,
+                    progress=progress,
+                )
+            except streaming.NotGroupedError as exc:
+                log.warning("%s; reading the whole input instead", exc)
+        if streamed is not None:
+            out: pl.DataFrame | str = output_dir
+            quality = streaming.public_quality(streamed.quality)
+            sensors, infos = streamed.sensors, streamed.outputs
+            rows_out = streamed.rows_out
+        else:
+            data = dataset or load_raw(input_uri, settings.data, settings.quality)
+            out = build_features(
+                data.frame, data.sensors, settings.features, data.passthrough
+            )
+            infos = storage.write_partitioned(
+                out, output_dir, by=ENTITY, stem=FEATURES_STEM
+            )
+            quality, sensors, rows_out = data.quality, data.sensors, out.height
+        inputs = _describe_inputs(input_uri)
     record = StageRecord(
         "features",
-        inputs=_describe_inputs(input_uri),
+        inputs=inputs,
         outputs=[i.as_dict() for i in infos],
-        rows_in=data.quality["rows_in"],
-        rows_out=features.height,
-        dropped=data.quality["dropped"],
+        rows_in=quality["rows_in"],
+        rows_out=rows_out,
+        dropped=quality["dropped"],
         seconds=timer.seconds,
-        details={"sensors": data.sensors, "quality": data.quality},
+        details={"sensors": sensors, "quality": quality},
     )
-    return features, record
+    return out, record
 
 
 def stage_train(
@@ -186,8 +213,13 @@ def stage_score(
     output_dir: str,
     *,
     progress: bool = False,
-) -> tuple[pl.DataFrame, StageRecord]:
-    """Score a features table and write ``anomaly_scores.csv`` and ``.parquet``."""
+    chunk_rows: int = streaming.CHUNK_ROWS,
+) -> tuple[pl.DataFrame | str, StageRecord]:
+    """Score a features table and write ``anomaly_scores.csv`` and ``.parquet``.
+
+    Features at a URI stream in chunks of ``chunk_rows`` rows, and the scores come
+    back as the URI of the Parquet file; a table in memory gives a table.
+    """
     with _Timer() as timer:
         inputs = []
         if isinstance(detector, str):
@@ -196,26 +228,42 @@ def stage_score(
                 for n in ("detector.json", "weights.pt")
             ]
             detector = Detector.load(detector)
-        source = features if isinstance(features, str) else "features"
+        scores: pl.DataFrame | str | None = None
         if isinstance(features, str):
             inputs += _describe_inputs(features)
-            features = read_features(features)
-        scores = score_features(features, detector, source=source, progress=progress)
-        written = [
-            storage.write_table(scores, storage.join(output_dir, SCORES_CSV)),
-            storage.write_table(scores, storage.join(output_dir, SCORES_PARQUET)),
-        ]
+            try:
+                result = streaming.stream_scores(
+                    features,
+                    detector,
+                    output_dir,
+                    (SCORES_CSV, SCORES_PARQUET),
+                    chunk_rows=chunk_rows,
+                    progress=progress,
+                )
+            except streaming.NotGroupedError as exc:
+                log.warning("%s; reading the whole table instead", exc)
+                features = read_features(features)
+            else:
+                scores = storage.join(output_dir, SCORES_PARQUET)
+                written, rows, flagged = result.outputs, result.rows, result.flagged
+        if scores is None:
+            assert isinstance(features, pl.DataFrame)
+            source = "features"
+            table = score_features(features, detector, source=source, progress=progress)
+            written = [
+                storage.write_table(table, storage.join(output_dir, SCORES_CSV)),
+                storage.write_table(table, storage.join(output_dir, SCORES_PARQUET)),
+            ]
+            scores, rows = table, table.height
+            flagged = int(table["is_anomaly"].sum())
     record = StageRecord(
         "score",
         inputs=inputs,
         outputs=[w.as_dict() for w in written],
-        rows_in=features.height,
-        rows_out=scores.height,
+        rows_in=rows,
+        rows_out=rows,
         seconds=timer.seconds,
-        details={
-            "threshold": detector.threshold_,
-            "flagged": int(scores["is_anomaly"].sum()),
-        },
+        details={"threshold": detector.threshold_, "flagged": flagged},
     )
     return scores, record
 
@@ -286,7 +334,9 @@ def run(
     if input_uri is None:
         input_uri, record = stage_generate(settings, paths["raw"])
         stages.append(record)
-    features, record = stage_features(settings, input_uri, paths["features"])
+    features, record = stage_features(
+        settings, input_uri, paths["features"], progress=progress
+    )
     stages.append(record)
     detector, record = stage_train(
         settings, features, paths["model"], progress=progress

@@ -28,6 +28,7 @@ SCORE_COLUMNS = (
     "top_sensor",
     "in_reference",
 )
+SCORE_PASSTHROUGH = (LABEL, "anomaly_kind", "changepoint")
 
 
 def score_features(
@@ -37,7 +38,8 @@ def score_features(
     source: str = "features",
     batch_rows: int = 262_144,
     progress: bool = False,
-    passthrough: Sequence[str] = (LABEL, "anomaly_kind", "changepoint"),
+    passthrough: Sequence[str] = SCORE_PASSTHROUGH,
+    log_summary: bool = True,
 ) -> pl.DataFrame:
     """Score every row of a features table with a fitted detector.
 
@@ -66,16 +68,18 @@ def score_features(
     bar.close()
 
     threshold = detector.threshold_
-    sensors = np.array(detector.sensors_, dtype=object)
+    sensors = pl.Series("top_sensor", detector.sensors_, dtype=pl.String)
     out = features.select(TIMESTAMP, ENTITY).with_columns(
         pl.Series("anomaly_score", scores),
         pl.lit(threshold, dtype=pl.Float64).alias("threshold"),
         pl.Series("is_anomaly", (scores > threshold).astype(np.int8)),
-        pl.Series("top_sensor", sensors[top].astype(str)),
+        sensors.gather(top),
         _in_reference(features, getattr(detector, "reference_end_", None)),
     )
     extra = [c for c in passthrough if c in features.columns]
     out = out.with_columns(features.select(extra)) if extra else out
+    if not log_summary:
+        return out
     log.info(
         "scored %d rows: %d above threshold %.6g (%.2f %%)",
         out.height,

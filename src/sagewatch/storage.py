@@ -491,3 +491,74 @@ def write_partitioned(
         name = f"{stem}-{safe_name(str(value))}{suffix}"
         infos.append(write_table(part, join(uri, name)))
     return infos
+
+
+# ----------------------------------------------------------------------------- streams
+
+
+def staged_path(uri: str) -> contextlib.AbstractContextManager[str]:
+    """A local path to write ``uri`` through; moved into place only on success.
+
+    For writers that append in pieces (a Parquet writer, a CSV written chunk by
+    chunk): the target never holds a partial file.
+    """
+    return _staged(uri)
+
+
+def _object_store_options() -> dict[str, str]:
+    """polars' object-store options from the standard AWS environment."""
+    options: dict[str, str] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+        "AWS_ENDPOINT_URL"
+    )
+    if endpoint:
+        options["aws_endpoint_url"] = endpoint
+        if endpoint.startswith("http://"):
+            options["aws_allow_http"] = "true"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    options["aws_region"] = region or "us-east-1"
+    return options
+
+
+def scan_table(uri: str, *, sep: str | None = None) -> pl.LazyFrame:
+    """A lazy scan of one table file: Parquet or plain CSV, local or on S3.
+
+    CSV columns are read as text so that validation can name a bad value; compressed
+    CSV is read whole (gzip cannot be split).
+
+    Raises:
+        InputError: the file cannot be scanned as a table.
+    """
+    options = _object_store_options() if is_s3(uri) else None
+    try:
+        if uri.endswith(".parquet"):
+            return pl.scan_parquet(uri, storage_options=options)
+        if uri.endswith(".gz"):
+            return _read_one(uri, sep).lazy()
+        head = read_head(uri)
+        return pl.scan_csv(
+            uri,
+            separator=sep or sniff_separator(head),
+            infer_schema=False,
+            storage_options=options,
+        )
+    except pl.exceptions.PolarsError as exc:
+        raise InputError(f"{uri}: cannot scan as a table: {exc}") from exc
+
+
+def read_head(uri: str, size: int = 65_536) -> bytes:
+    """The first ``size`` bytes of a file or object (for sniffing a CSV header)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        with _s3_errors(uri, "read"):
+            body = s3_client().get_object(
+                Bucket=bucket, Key=key, Range=f"bytes=0-{size - 1}"
+            )["Body"]
+            data: bytes = body.read()
+    else:
+        try:
+            with open(uri, "rb") as fh:
+                data = fh.read(size)
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"cannot read {uri}: no such file") from exc
+    return data[3:] if data.startswith(b"\xef\xbb\xbf") else data
