@@ -201,18 +201,22 @@ def _fix_first_rows(
     """Recompute rows whose window holds only n < rolling_window rows (two-pass)."""
     for n, rows in position.items():
         window = values[:, rows[:, None] + np.arange(1 - n, 1)]  # (sensors, rows, n)
-        mean = window.sum(axis=2) / n
-        dev = window - mean[..., None]
+        last = window[..., -1]
+        # Deviations from the last reading first: a constant window gives exact 0.
+        shifted = window - last[..., None]
+        offset = shifted.sum(axis=2) / n
+        dev = shifted - offset[..., None]
+        mean = last + offset
         index = np.arange(n) - (n - 1) / 2
         exact = {
-            "value": window[..., -1],
+            "value": last,
             "mean": mean,
             "std": np.sqrt((dev * dev).sum(axis=2) / max(n - 1, 1)),
             "min": window.min(axis=2),
             "max": window.max(axis=2),
             "range": window.max(axis=2) - window.min(axis=2),
             "slope": (dev * index).sum(axis=2) / (n * (n * n - 1) / 12 if n > 1 else 1),
-            "change": window[..., -1] - window[..., -2] if n > 1 else 0 * mean,
+            "change": last - window[..., -2] if n > 1 else 0 * mean,
         }
         for j, stat in enumerate(stats):
             out[:, j, rows] = exact[stat]

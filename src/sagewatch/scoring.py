@@ -29,6 +29,10 @@ SCORE_COLUMNS = (
     "in_reference",
 )
 SCORE_PASSTHROUGH = (LABEL, "anomaly_kind", "changepoint")
+# Rows per model call. Every call gets exactly this many rows (the last block is
+# padded), so a row's score does not depend on how the table was cut into chunks:
+# matrix products round differently for different numbers of rows.
+BATCH_ROWS = 8_192
 
 
 def score_features(
@@ -36,12 +40,15 @@ def score_features(
     detector: Detector,
     *,
     source: str = "features",
-    batch_rows: int = 262_144,
+    batch_rows: int = BATCH_ROWS,
     progress: bool = False,
     passthrough: Sequence[str] = SCORE_PASSTHROUGH,
     log_summary: bool = True,
 ) -> pl.DataFrame:
     """Score every row of a features table with a fitted detector.
+
+    The model sees blocks of exactly ``batch_rows`` rows, so the scores of a table
+    cut into chunks are bit for bit those of the whole table.
 
     Raises:
         SchemaMismatchError: the table lacks features the detector needs.
@@ -58,13 +65,15 @@ def score_features(
         disable=not progress,
         leave=False,
     )
+    padded = np.zeros((batch_rows, len(names)))  # (batch, features)
     for start in range(0, features.height, batch_rows):
         block = features.slice(start, batch_rows).select(names).to_numpy()
-        errors = detector.errors(block)  # (rows, features)
-        stop = start + len(block)
-        scores[start:stop] = errors.mean(axis=1)
-        top[start:stop] = detector.attribution(errors).argmax(axis=1)
-        bar.update(len(block))
+        rows = len(block)
+        padded[:rows] = block
+        errors = detector.errors(padded)[:rows]  # (rows, features)
+        scores[start : start + rows] = errors.mean(axis=1)
+        top[start : start + rows] = detector.attribution(errors).argmax(axis=1)
+        bar.update(rows)
     bar.close()
 
     threshold = detector.threshold_

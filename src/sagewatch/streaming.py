@@ -472,7 +472,8 @@ class _EntityWriter:
 
     def __exit__(self, *exc: object) -> None:
         if self._open is not None:
-            self._open.close(failed=exc[0] is not None)
+            info = self._open.close(failed=exc[0] is not None)
+            self.outputs.append(info)
             self._open = None
 
     def uri(self, entity: str) -> str:
