@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from sagewatch import streaming
+from sagewatch import scoring, streaming
 from sagewatch.config import ModelSettings, Settings
 from sagewatch.detector import Detector
 from sagewatch.features import build_features, feature_names
@@ -163,7 +163,7 @@ def test_scoring_carries_context_rows_of_each_entity(
         seen.append(frame)
         return score_features(frame, det, **kwargs)
 
-    monkeypatch.setattr(streaming, "score_features", spy)
+    monkeypatch.setattr(scoring, "score_features", spy)
     uri, _ = stage_score(settings, features_dir, detector, str(tmp_path), chunk_rows=5)
 
     table = read_features(features_dir)

@@ -15,19 +15,19 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from sagewatch import __version__, storage, streaming
 from sagewatch.config import Settings
-from sagewatch.detector import Detector
 from sagewatch.evaluation import write_report
 from sagewatch.features import build_features, feature_names, sensors_of
 from sagewatch.schema import ENTITY, TIMESTAMP, Dataset, load_raw
-from sagewatch.scoring import score_features
 from sagewatch.synthetic import generate
-from sagewatch.training import fit_detector
+
+if TYPE_CHECKING:  # torch loads only for the stages that need it
+    from sagewatch.detector import Detector
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,8 @@ def stage_train(
     progress: bool = False,
 ) -> tuple[Detector, StageRecord]:
     """Fit a detector on the reference period and save it to ``model_dir``."""
+    from sagewatch.training import fit_detector
+
     with _Timer() as timer:
         inputs = []
         if isinstance(features, str):
@@ -220,6 +222,9 @@ def stage_score(
     Features at a URI stream in chunks of ``chunk_rows`` rows, and the scores come
     back as the URI of the Parquet file; a table in memory gives a table.
     """
+    from sagewatch.detector import Detector
+    from sagewatch.scoring import score_features
+
     with _Timer() as timer:
         inputs = []
         if isinstance(detector, str):

@@ -31,7 +31,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -39,7 +39,6 @@ from tqdm.auto import tqdm
 
 from sagewatch import storage
 from sagewatch.config import Settings
-from sagewatch.detector import Detector
 from sagewatch.errors import InputError
 from sagewatch.features import (
     entity_starts,
@@ -48,7 +47,9 @@ from sagewatch.features import (
     sensor_matrix,
 )
 from sagewatch.schema import ENTITY, LABEL, SOURCE, TIMESTAMP, Dataset, validate
-from sagewatch.scoring import SCORE_PASSTHROUGH, score_features
+
+if TYPE_CHECKING:
+    from sagewatch.detector import Detector
 
 log = logging.getLogger(__name__)
 
@@ -561,7 +562,7 @@ def context_rows(detector: Detector) -> int:
 
 
 def feature_chunks(files: list[str], chunk_rows: int) -> Iterator[Chunk]:
-    """Feature rows in chunks, each file's rows in order.
+    """Feature rows in chunks of about ``chunk_rows`` rows, files in order.
 
     Raises:
         NotGroupedError: an entity's rows are spread over the input, or go back in
@@ -569,14 +570,24 @@ def feature_chunks(files: list[str], chunk_rows: int) -> Iterator[Chunk]:
     """
     seen = _Seen()
     last_time: Any = None
+    ready: list[pl.DataFrame] = []
+    rows, continues = 0, False
     for path in files:
         for batch in _batches(storage.scan_table(path), path, chunk_rows):
             names = _run_names(batch, pl.col(ENTITY))
-            continues = names[0] == seen.current
+            joins = names[0] == seen.current
             seen.add(names)
-            _check_time(batch, last_time if continues else None)
+            _check_time(batch, last_time if joins else None)
             last_time = batch[TIMESTAMP][-1]
-            yield Chunk(batch, continues=continues)
+            if not ready:
+                continues = joins
+            ready.append(batch)
+            rows += batch.height
+            if rows >= chunk_rows:
+                yield Chunk(_concat(ready), continues=continues)
+                ready, rows = [], 0
+    if ready:
+        yield Chunk(_concat(ready), continues=continues)
 
 
 def _check_time(batch: pl.DataFrame, last_time: Any) -> None:
@@ -607,6 +618,8 @@ def stream_scores(
         NotGroupedError: the features are not sorted by entity and time.
         SchemaMismatchError: the features lack columns the detector needs.
     """
+    from sagewatch.scoring import score_features
+
     files = storage.list_files(features_uri)
     context = context_rows(detector)
     result = ScoresResult()
@@ -699,7 +712,6 @@ class _TableSink:
 
 __all__ = [
     "CHUNK_ROWS",
-    "SCORE_PASSTHROUGH",
     "Chunk",
     "FeaturesResult",
     "NotGroupedError",
