@@ -74,3 +74,45 @@ def s3_bucket(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     bucket = f"sagewatch-test-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=moto_server).create_bucket(Bucket=bucket)
     return bucket
+
+
+@pytest.fixture
+def s3_denied(s3_bucket: str, moto_server: str, monkeypatch: pytest.MonkeyPatch):
+    """Switch the environment to credentials that may list the bucket, nothing else.
+
+    An IAM user with an explicit Deny on reads and writes is created, then the moto
+    server is told to check every request's signature and policy (its
+    ``/moto-api/reset-auth`` switch) until the test ends. Yields the bucket's name.
+    """
+    import json
+    from urllib.request import Request, urlopen
+
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=moto_server)
+    user = f"reader-{s3_bucket[-8:]}"
+    iam.create_user(UserName=user)
+    statements = [
+        {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": "*"},
+        {"Effect": "Deny", "Action": ["s3:GetObject", "s3:PutObject"], "Resource": "*"},
+    ]
+    iam.put_user_policy(
+        UserName=user,
+        PolicyName="list-only",
+        PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": statements}),
+    )
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    monkeypatch.delenv("AWS_SESSION_TOKEN")
+
+    def check_requests(after: bytes) -> None:
+        switch = f"{moto_server}/moto-api/reset-auth"
+        headers = {"Content-Type": "text/plain"}
+        urlopen(Request(switch, data=after, headers=headers), timeout=10).close()
+
+    check_requests(b"0")
+    try:
+        yield s3_bucket
+    finally:
+        check_requests(b"inf")

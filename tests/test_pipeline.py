@@ -51,3 +51,57 @@ def test_run_synthetic_writes_every_output(tmp_path: Path, small_settings) -> No
         "evaluate",
     ]
     assert result.report["rows"] == 800
+
+
+def test_saved_detector_scores_exactly_like_the_fitted_one(
+    tmp_path: Path, small_settings
+) -> None:
+    from sagewatch.detector import Detector
+    from sagewatch.pipeline import (
+        stage_features,
+        stage_generate,
+        stage_score,
+        stage_train,
+    )
+
+    raw, _ = stage_generate(small_settings, str(tmp_path / "raw"))
+    features, _ = stage_features(small_settings, raw, str(tmp_path / "features"))
+    fitted, _ = stage_train(small_settings, features, str(tmp_path / "model"))
+    loaded = Detector.load(str(tmp_path / "model"))
+
+    direct, _ = stage_score(small_settings, features, fitted, str(tmp_path / "s1"))
+    reloaded, _ = stage_score(small_settings, features, loaded, str(tmp_path / "s2"))
+
+    assert loaded.threshold_ == fitted.threshold_
+    assert direct.equals(reloaded)
+    assert (tmp_path / "s1" / "anomaly_scores.csv").read_bytes() == (
+        tmp_path / "s2" / "anomaly_scores.csv"
+    ).read_bytes()
+
+
+def test_manifest_fingerprints_match_the_files(tmp_path: Path, small_settings) -> None:
+    import hashlib
+
+    run(small_settings, data_dir=str(tmp_path))
+    manifest = json.loads((tmp_path / "run_manifest.json").read_text())
+    outputs = [o for stage in manifest["stages"] for o in stage["outputs"]]
+    assert len(outputs) >= 2 + 2 + 2 + 2 + 2  # raw, features, model, scores, report
+    for item in outputs:
+        data = Path(item["uri"]).read_bytes()
+        assert item["bytes"] == len(data)
+        assert item["sha256"] == hashlib.sha256(data).hexdigest()
+    assert manifest["config"]["model"]["epochs"] == 5
+    detector = json.loads((tmp_path / "model" / "detector.json").read_text())
+    assert detector["config"] == manifest["config"]
+    assert detector["threshold"]["rule"]
+
+
+def test_reference_rows_are_the_first_half_of_each_machine(
+    tmp_path: Path, small_settings
+) -> None:
+    run(small_settings, data_dir=str(tmp_path))
+    scores = pl.read_csv(tmp_path / "scores" / "anomaly_scores.csv")
+    per_machine = scores.group_by("machine_id").agg(pl.col("in_reference").sum())
+    assert per_machine["in_reference"].to_list() == [200, 200]
+    first_half = scores.filter(pl.int_range(pl.len()).over("machine_id") < 200)
+    assert first_half["in_reference"].sum() == 400

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from polars.testing import assert_frame_equal
 from sagewatch import scoring, streaming
 from sagewatch.config import ModelSettings, Settings
 from sagewatch.detector import Detector
+from sagewatch.errors import InputError
 from sagewatch.features import build_features, feature_names
 from sagewatch.pipeline import read_features, stage_features, stage_score
 from sagewatch.schema import ENTITY, TIMESTAMP, load_raw
@@ -51,15 +54,24 @@ def _write(frame: pl.DataFrame, path: Path) -> str:
 
 
 def _in_memory(settings: Settings, uri: str) -> pl.DataFrame:
-    data = load_raw(uri, settings.data, settings.quality)
-    return build_features(data.frame, data.sensors, settings.features, data.passthrough)
+    return build_features(*_validated(settings, uri)[:2], settings.features)
+
+
+def _validated(settings: Settings, uri: str) -> tuple[pl.DataFrame, list[str], dict]:
+    window = settings.features.rolling_window
+    data = load_raw(uri, settings.data, settings.quality, rolling_window=window)
+    return data.frame, data.sensors, data.quality
+
+
+def _written(folder: Path) -> list[Path]:
+    return list(folder.iterdir()) if folder.exists() else []
 
 
 def _sorted(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.sort([ENTITY, TIMESTAMP])
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 5, 9, 1000])
+@pytest.mark.parametrize("chunk_rows", [1, 5, 9, 67])
 @pytest.mark.parametrize("suffix", [".parquet", ".csv"])
 def test_streamed_features_equal_in_memory(
     tmp_path: Path, chunk_rows: int, suffix: str
@@ -71,14 +83,103 @@ def test_streamed_features_equal_in_memory(
         settings, raw, str(tmp_path / "features"), chunk_rows=chunk_rows
     )
 
+    assert result is not None
     streamed = pl.read_parquet(tmp_path / "features" / "*.parquet")
     expected = _in_memory(settings, raw)
     assert_frame_equal(_sorted(streamed), _sorted(expected), check_exact=True)
     assert result.rows_out == sum(LENGTHS.values())
-    assert result.quality["rows_in"] == sum(LENGTHS.values())
+    assert result.quality == _validated(settings, raw)[2]
     assert sorted(Path(o.uri).name for o in result.outputs) == [
         f"features-{name}.parquet" for name in sorted(LENGTHS)
     ]
+    assert [i.rows for i in result.inputs] == [sum(LENGTHS.values())]
+
+
+def test_input_within_one_chunk_is_validated_in_memory(tmp_path: Path) -> None:
+    raw = _write(_raw(), tmp_path / "raw" / "fleet.parquet")
+
+    result = streaming.stream_features(
+        Settings(), raw, str(tmp_path / "features"), chunk_rows=68
+    )
+
+    assert result is None
+    assert not _written(tmp_path / "features")
+
+
+def _gappy() -> pl.DataFrame:
+    """pump-1 with missing readings mid-entity, a doubled step and a 1-row entity."""
+    raw = _raw()
+    temp = raw["temp"].to_list()
+    temp[5] = temp[6] = None  # filled from row 4 (max_fill_gap=3)
+    temp[30] = None
+    times = raw["timestamp"].to_list()
+    times[20:40] = [t + timedelta(seconds=10) for t in times[20:40]]
+    return raw.with_columns(pl.Series("temp", temp), pl.Series("timestamp", times))
+
+
+@pytest.mark.parametrize("chunk_rows", [4, 7, 13])
+def test_streamed_quality_report_equals_in_memory_with_fills_and_gaps(
+    tmp_path: Path, chunk_rows: int
+) -> None:
+    settings = Settings()
+    raw = _write(_gappy(), tmp_path / "raw" / "fleet.parquet")
+    _, _, quality = _validated(settings, raw)
+    assert quality["repaired"] == {"forward_filled_values": 3}
+    assert quality["time_gaps"] == 1
+
+    result = streaming.stream_features(
+        settings, raw, str(tmp_path / "features"), chunk_rows=chunk_rows
+    )
+
+    assert result is not None
+    assert result.quality == quality
+    streamed = pl.read_parquet(tmp_path / "features" / "*.parquet")
+    assert_frame_equal(
+        _sorted(streamed), _sorted(_in_memory(settings, raw)), check_exact=True
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ("gap_at_piece_start", "rows dropped"),
+        ("duplicate_across_pieces", "goes back in time|duplicate"),
+        ("bad_value", "not a number"),
+    ],
+)
+def test_pieces_that_need_the_whole_entity_fall_back_to_memory(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    change: str,
+    reason: str,
+) -> None:
+    raw = _raw().with_columns(pl.col("temp").cast(pl.String))
+    temp, times = raw["temp"].to_list(), raw["timestamp"].to_list()
+    if change == "gap_at_piece_start":
+        temp[10] = None  # pump-1's second piece of 10 rows starts here
+    elif change == "duplicate_across_pieces":
+        times[10] = times[9]
+    else:
+        temp[33] = "n/a?"
+    raw = raw.with_columns(pl.Series("temp", temp), pl.Series("timestamp", times))
+    uri = _write(raw, tmp_path / "raw" / "fleet.parquet")
+    settings = Settings()
+    caplog.set_level(logging.INFO, logger="sagewatch.streaming")
+
+    result = streaming.stream_features(
+        settings, uri, str(tmp_path / "features"), chunk_rows=10
+    )
+
+    assert result is None
+    assert not _written(tmp_path / "features")
+    assert any(re.search(reason, r.getMessage()) for r in caplog.records)
+    if change == "bad_value":
+        with pytest.raises(InputError, match="row 34, entity 'pump-1'"):
+            stage_features(settings, uri, str(tmp_path / "f"), chunk_rows=10)
+        return
+    features, record = stage_features(settings, uri, str(tmp_path / "f"), chunk_rows=10)
+    assert isinstance(features, pl.DataFrame)
+    assert record.details["quality"] == _validated(settings, uri)[2]
 
 
 def test_long_entity_is_cut_into_pieces_with_flags() -> None:
@@ -101,10 +202,13 @@ def test_interleaved_entities_are_refused_then_read_whole(tmp_path: Path) -> Non
     raw = _write(_raw().sort(TIMESTAMP), tmp_path / "raw" / "by_time.parquet")
     settings = Settings()
 
-    with pytest.raises(streaming.NotGroupedError, match="not contiguous"):
+    assert (
         streaming.stream_features(
             settings, raw, str(tmp_path / "features"), chunk_rows=3
         )
+        is None
+    )
+    assert not _written(tmp_path / "features")
     features, record = stage_features(
         settings, raw, str(tmp_path / "again"), chunk_rows=3
     )
@@ -129,7 +233,7 @@ def fitted(
     return settings, features_dir, detector
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 4, 11, 1000])
+@pytest.mark.parametrize("chunk_rows", [1, 4, 11, 67])
 def test_streamed_scores_equal_in_memory(
     tmp_path: Path, fitted: tuple[Settings, str, Detector], chunk_rows: int
 ) -> None:

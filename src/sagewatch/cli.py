@@ -47,7 +47,8 @@ def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except SagewatchError as exc:
             if _State.verbosity > 0:
                 log.exception("failed")
-            click.echo(f"error: {exc}", err=True)
+            lines = [line.strip() for line in str(exc).splitlines()]
+            click.echo(f"error: {' '.join(line for line in lines if line)}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -88,6 +89,16 @@ def input_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "--timestamp-column",
             default=None,
             help="Timestamp column (default timestamp).",
+        ),
+        click.option(
+            "--timezone",
+            default=None,
+            help="Zone of timestamps without a UTC offset (default UTC).",
+        ),
+        click.option(
+            "--timestamp-format",
+            default=None,
+            help="strftime layout of non-ISO timestamps, e.g. '%d/%m/%Y %H:%M'.",
         ),
         click.option(
             "--entity-column",
@@ -393,6 +404,273 @@ def evaluate_cmd(
                 for k in ("precision", "recall", "f1", "far", "mar", "pr_auc")
             )
         )
+
+
+# ------------------------------------------------------------------------- sagemaker
+
+
+@click.group("sagemaker")
+def sagemaker_group() -> None:
+    """Run the stages as SageMaker jobs or as a SageMaker Pipeline.
+
+    Every command takes --plan: print the exact requests as JSON and call nothing.
+    Without it the command uploads code and inputs, submits, and follows the job
+    until it ends (--no-wait: return once submitted).
+    """
+
+
+def _sagemaker_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--plan",
+            is_flag=True,
+            help="Print the requests as JSON; make no AWS call.",
+        ),
+        click.option("--no-wait", is_flag=True, help="Return once submitted."),
+        config_option,
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _job_name(stage: str, given: str | None) -> str:
+    from datetime import UTC, datetime
+
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return given or f"sagewatch-{stage}-{stamp}"
+
+
+def _run_job(plan: Any, settings: Settings, *, wait: bool) -> dict[str, Any]:
+    from sagewatch.sagemaker.launch import sagemaker_client, submit_job
+
+    return submit_job(
+        plan,
+        client=sagemaker_client(settings.sagemaker.region),
+        wait=wait,
+        poll_seconds=settings.sagemaker.poll_seconds,
+        on_status=click.echo,
+    )
+
+
+@sagemaker_group.command("features")
+@click.option(
+    "--input",
+    "input_uri",
+    default=None,
+    help="Raw data: s3:// URI, or a local file/folder to upload (default: raw/).",
+)
+@click.option("--output", "output_uri", default=None, help="s3:// prefix for features.")
+@click.option("--instance-type", "processing_instance_type", default=None)
+@click.option("--instance-count", "processing_instance_count", type=int, default=None)
+@click.option("--job-name", default=None, help="Default: sagewatch-features-<time>.")
+@_sagemaker_options
+@input_options
+@_handle_errors
+def sagemaker_features(
+    input_uri: str | None,
+    output_uri: str | None,
+    job_name: str | None,
+    plan: bool,
+    no_wait: bool,
+    config: str | None,
+    **kwargs: Any,
+) -> None:
+    """Compute features in a SageMaker Processing job."""
+    from sagewatch.sagemaker.plans import plan_features
+
+    settings = _settings(config, **_flags(kwargs))
+    job = plan_features(
+        settings,
+        job_name=_job_name("features", job_name),
+        input_uri=input_uri,
+        output_uri=output_uri,
+        strict=not plan,
+    )
+    if plan:
+        click.echo(job.to_json(), nl=False)
+        return
+    _run_job(job, settings, wait=not no_wait)
+    output = job.request["ProcessingOutputConfig"]["Outputs"][0]["S3Output"]["S3Uri"]
+    click.echo(f"features: {output}")
+
+
+@sagemaker_group.command("train")
+@click.option(
+    "--input",
+    "input_uri",
+    default=None,
+    help="Features: s3:// URI, or a local folder to upload (default: features/).",
+)
+@click.option("--output", "output_uri", default=None, help="s3:// prefix for models.")
+@click.option("--instance-type", "training_instance_type", default=None)
+@click.option("--job-name", default=None, help="Default: sagewatch-train-<time>.")
+@_sagemaker_options
+@seed_option
+@reference_options
+@_handle_errors
+def sagemaker_train(
+    input_uri: str | None,
+    output_uri: str | None,
+    job_name: str | None,
+    plan: bool,
+    no_wait: bool,
+    config: str | None,
+    **kwargs: Any,
+) -> None:
+    """Train the detector in a SageMaker Training job."""
+    from sagewatch.sagemaker.plans import plan_training
+
+    settings = _settings(config, **_flags(kwargs))
+    job = plan_training(
+        settings,
+        job_name=_job_name("train", job_name),
+        input_uri=input_uri,
+        output_uri=output_uri,
+        strict=not plan,
+    )
+    if plan:
+        click.echo(job.to_json(), nl=False)
+        return
+    result = _run_job(job, settings, wait=not no_wait)
+    model = result.get("ModelArtifacts", {}).get("S3ModelArtifacts")
+    if model:
+        click.echo(f"model: {model}")
+    click.echo(f"to score with it: export TRAINING_JOB_NAME={job.name}")
+
+
+@sagemaker_group.command("score")
+@click.option(
+    "--input",
+    "input_uri",
+    default=None,
+    help="Features: s3:// URI, or a local folder to upload (default: features/).",
+)
+@click.option(
+    "--training-job-name",
+    envvar="TRAINING_JOB_NAME",
+    default=None,
+    help="Score with this training job's model (env TRAINING_JOB_NAME).",
+)
+@click.option(
+    "--model-uri",
+    envvar="MODEL_ARTIFACT_URI",
+    default=None,
+    help="Or with this model.tar.gz / detector prefix (env MODEL_ARTIFACT_URI).",
+)
+@click.option("--output", "output_uri", default=None, help="s3:// prefix for scores.")
+@click.option("--instance-type", "processing_instance_type", default=None)
+@click.option("--instance-count", "processing_instance_count", type=int, default=None)
+@click.option("--job-name", default=None, help="Default: sagewatch-score-<time>.")
+@_sagemaker_options
+@_handle_errors
+def sagemaker_score(
+    input_uri: str | None,
+    training_job_name: str | None,
+    model_uri: str | None,
+    output_uri: str | None,
+    job_name: str | None,
+    plan: bool,
+    no_wait: bool,
+    config: str | None,
+    **kwargs: Any,
+) -> None:
+    """Score features in a SageMaker Processing job (batch scoring)."""
+    from sagewatch.errors import ConfigError
+    from sagewatch.sagemaker.plans import model_artifact_uri, plan_scoring
+
+    settings = _settings(config, **kwargs)
+    if not model_uri and not training_job_name:
+        raise ConfigError(
+            "which model? set --training-job-name (TRAINING_JOB_NAME) or "
+            "--model-uri (MODEL_ARTIFACT_URI)"
+        )
+    if not model_uri and plan:
+        model_uri = model_artifact_uri(settings, training_job_name or "")
+    elif not model_uri:
+        from sagewatch.sagemaker.launch import sagemaker_client, training_model_uri
+
+        client = sagemaker_client(settings.sagemaker.region)
+        model_uri = training_model_uri(client, training_job_name or "")
+    job = plan_scoring(
+        settings,
+        job_name=_job_name("score", job_name),
+        model_uri=model_uri,
+        input_uri=input_uri,
+        output_uri=output_uri,
+        strict=not plan,
+    )
+    if plan:
+        click.echo(job.to_json(), nl=False)
+        return
+    _run_job(job, settings, wait=not no_wait)
+    output = job.request["ProcessingOutputConfig"]["Outputs"][0]["S3Output"]["S3Uri"]
+    click.echo(f"scores: {output}")
+
+
+@sagemaker_group.command("pipeline")
+@click.option(
+    "--input",
+    "input_uri",
+    default=None,
+    help="Raw data: s3:// URI, or a local file/folder to upload (default: raw/).",
+)
+@click.option("--processing-instance-type", default=None)
+@click.option("--processing-instance-count", type=int, default=None)
+@click.option("--training-instance-type", default=None)
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Override a pipeline parameter for this execution (repeatable).",
+)
+@click.option("--no-start", is_flag=True, help="Create or update only.")
+@_sagemaker_options
+@seed_option
+@input_options
+@reference_options
+@_handle_errors
+def sagemaker_pipeline(
+    input_uri: str | None,
+    params: tuple[str, ...],
+    no_start: bool,
+    plan: bool,
+    no_wait: bool,
+    config: str | None,
+    **kwargs: Any,
+) -> None:
+    """Create or update the SageMaker Pipeline, start it and follow it."""
+    from sagewatch.errors import ConfigError
+    from sagewatch.sagemaker.workflow import plan_pipeline
+
+    settings = _settings(config, **_flags(kwargs))
+    pipeline = plan_pipeline(settings, input_uri=input_uri, strict=not plan)
+    if plan:
+        click.echo(pipeline.to_json(), nl=False)
+        return
+    parameters = {}
+    for item in params:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--param {item!r}: expected NAME=VALUE")
+        parameters[name] = value
+    from sagewatch.sagemaker.launch import sagemaker_client, submit_pipeline
+
+    result = submit_pipeline(
+        pipeline,
+        client=sagemaker_client(settings.sagemaker.region),
+        start=not no_start,
+        parameters=parameters,
+        wait=not no_wait,
+        poll_seconds=settings.sagemaker.poll_seconds,
+        on_status=click.echo,
+    )
+    for key, value in result.items():
+        click.echo(f"{key}: {value}")
+
+
+main.add_command(sagemaker_group)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,9 +14,17 @@ from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sagewatch.errors import ConfigError
 
@@ -33,6 +41,7 @@ ENV_VARS: dict[str, str] = {
     "SAGEMAKER_ROLE": "role",
     "SAGEMAKER_BUCKET": "bucket",
     "SAGEMAKER_REGION": "region",
+    "SAGEMAKER_IMAGE_URI": "image_uri",
 }
 
 
@@ -44,6 +53,8 @@ class DataSettings(_Section):
     """How an input table maps onto the schema, and where stage outputs go."""
 
     timestamp_column: str = "timestamp"
+    timezone: str = "UTC"
+    timestamp_format: str | None = None
     entity_column: str | None = "machine_id"
     label_column: str | None = "anomaly"
     sensor_columns: list[str] | None = None
@@ -58,6 +69,18 @@ class DataSettings(_Section):
     scores_prefix: str = "scores"
     evaluation_prefix: str = "evaluation"
 
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(
+                f"unknown timezone {value!r}; expected an IANA name "
+                "such as UTC or Europe/Berlin"
+            ) from exc
+        return value
+
 
 class QualitySettings(_Section):
     """Repair rules for messy input: what is fixed and what is refused."""
@@ -68,6 +91,8 @@ class QualitySettings(_Section):
     max_fill_gap: int = Field(default=3, ge=0)
     drop_unfilled_rows: bool = True
     max_abs_value: float = Field(default=1e12, gt=0)
+    max_drop_fraction: float = Field(default=0.1, ge=0, le=1)
+    max_sensors: int = Field(default=1000, ge=1)
 
 
 class ReferenceSettings(_Section):
@@ -140,6 +165,11 @@ class SageMakerSettings(_Section):
     py_version: str = "py311"
     image_uri: str | None = None
     max_runtime_seconds: int = Field(default=3600, ge=60)
+    volume_size_gb: int = Field(default=30, ge=1)
+    spot_training: bool = False
+    pipeline_name: str = "sagewatch"
+    cache_expire_after: str | None = "P30D"
+    poll_seconds: int = Field(default=30, ge=1)
 
 
 _SECTIONS: dict[str, type[_Section]] = {
@@ -280,10 +310,11 @@ def _parse_string(value: Any, section: str, key: str) -> Any:
     if not isinstance(value, str):
         return value
     annotation = _SECTIONS[section].model_fields[key].annotation
-    if set(get_args(annotation) or (annotation,)) <= {str, type(None)}:
-        return value
-    if value.strip().lower() in {"none", "null", ""}:
+    types = set(get_args(annotation) or (annotation,))
+    if value.strip().lower() in {"none", "null", ""} and type(None) in types:
         return None
+    if types <= {str, type(None)}:
+        return value
     try:
         return yaml.safe_load(value)
     except yaml.YAMLError as exc:

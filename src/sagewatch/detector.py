@@ -28,7 +28,7 @@ from torch import nn
 from sagewatch import __version__, storage
 from sagewatch.config import ModelSettings
 from sagewatch.errors import ArtifactError, NotFittedError, SchemaMismatchError
-from sagewatch.features import sensor_of
+from sagewatch.features import SEPARATOR, sensor_of, sensors_of
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +47,34 @@ class Scaler:
         tiny standard deviation, and any later change would score astronomically.
         The scale is therefore floored at ``rel_floor`` times the feature's typical
         magnitude (and at ``abs_floor``), so a constant 96.0 that turns into 93.0
-        scores about 31, not 3e8.
+        scores about 31, not 3e8. The spread, slope and change rate of a constant
+        sensor are all exactly 0, so they have no magnitude of their own: when
+        ``groups`` names each feature's sensor, a feature whose spread is zero to
+        within rounding (at most ``1e-6`` of its sensor's level) is floored at
+        ``rel_floor`` times that level instead. A sensor that was exactly 0.0
+        throughout the reference period keeps ``abs_floor``; any later reading away
+        from 0 is clipped at ``_CLIP`` standard units.
     """
 
     def __init__(self, *, rel_floor: float = 1e-3, abs_floor: float = 1e-6) -> None:
         self.rel_floor = rel_floor
         self.abs_floor = abs_floor
 
-    def fit(self, x: np.ndarray) -> Scaler:
+    def fit(self, x: np.ndarray, groups: Sequence[int] | None = None) -> Scaler:
+        """Learn centre and scale; ``groups[j]`` is the sensor of feature ``j``."""
         self.center_ = x.mean(axis=0)
         spread = x.std(axis=0)
         magnitude = np.abs(x).mean(axis=0)
-        self.scale_ = np.maximum(
-            spread, np.maximum(self.rel_floor * magnitude, self.abs_floor)
-        )
+        floor = np.maximum(self.rel_floor * magnitude, self.abs_floor)
+        if groups is not None:
+            ids = np.asarray(groups)
+            level = np.zeros(ids.max() + 1)
+            np.maximum.at(level, ids, magnitude)
+            degenerate = spread <= 1e-6 * level[ids]
+            floor = np.where(
+                degenerate, np.maximum(floor, self.rel_floor * level[ids]), floor
+            )
+        self.scale_ = np.maximum(spread, floor)
         return self
 
     def transform(self, x: np.ndarray) -> np.ndarray:
@@ -126,7 +140,8 @@ class Detector:
             )
         self.feature_names_ = list(feature_names)
         self.sensors_ = list(dict.fromkeys(sensor_of(f) for f in feature_names))
-        self.scaler_ = Scaler().fit(x_train)
+        groups = [self.sensors_.index(sensor_of(f)) for f in feature_names]
+        self.scaler_ = Scaler().fit(x_train, groups)
         z_train = self.scaler_.transform(x_train)
         z_val = self.scaler_.transform(x_val) if len(x_val) else z_train[:0]
         kind = self.settings.detector
@@ -209,9 +224,17 @@ class Detector:
         )
 
     def check_columns(self, columns: Sequence[str], source: str) -> None:
-        """Refuse a features table whose columns differ from the model's."""
+        """Refuse a features table whose sensors or features differ from the model's."""
         self._check_fitted()
         missing = [f for f in self.feature_names_ if f not in columns]
+        statistics = {f.rsplit(SEPARATOR, 1)[1] for f in self.feature_names_}
+        features = [c for c in columns if c.rsplit(SEPARATOR, 1)[-1] in statistics]
+        extra = [s for s in sensors_of(features) if s not in self.sensors_]
+        if extra:
+            raise SchemaMismatchError(
+                f"{source}: sensor(s) {extra} are not among the model's sensors "
+                f"{self.sensors_}; expected the sensors it was trained on"
+            )
         if missing:
             absent = sorted({sensor_of(f) for f in missing})
             raise SchemaMismatchError(
@@ -277,7 +300,10 @@ class Detector:
             ArtifactError: missing files, a checksum mismatch, or an unknown format.
         """
         meta = _read_metadata(uri)
-        weights = storage.read_bytes(storage.join(uri, WEIGHTS))
+        try:
+            weights = storage.read_bytes(storage.join(uri, WEIGHTS))
+        except storage.NotFoundError as exc:
+            raise ArtifactError(f"{uri}: no {WEIGHTS} next to {METADATA}") from exc
         if hashlib.sha256(weights).hexdigest() != meta.get("weights_sha256"):
             raise ArtifactError(
                 f"{uri}/{WEIGHTS}: checksum differs from detector.json; "
@@ -292,7 +318,8 @@ class Detector:
         try:
             detector = cls(ModelSettings.model_validate(meta["model_settings"]))
             detector._restore(meta, state)
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            _check_restored(detector)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
             raise ArtifactError(
                 f"{uri}: detector.json and weights do not fit together: {exc}"
             ) from exc
@@ -323,6 +350,34 @@ class Detector:
             self.model_ = {k: v.numpy() for k, v in state.items()}
 
 
+def _check_restored(detector: Detector) -> None:
+    """Shapes and values that ``detector.json`` must agree on; ValueError if not."""
+    names = detector.feature_names_
+    if len(set(names)) != len(names) or not names:
+        raise ValueError("feature_names must be a non-empty list of unique names")
+    for part in ("center_", "scale_"):
+        value = getattr(detector.scaler_, part)
+        if value.shape != (len(names),) or not np.isfinite(value).all():
+            raise ValueError(
+                f"scaler {part.rstrip('_')} has shape {value.shape}; expected "
+                f"({len(names)},) finite values"
+            )
+    if not (detector.scaler_.scale_ > 0).all():
+        raise ValueError("scaler scale must be positive")
+    if not np.isfinite(detector.threshold_):
+        raise ValueError(f"threshold {detector.threshold_} is not finite")
+    if set(detector.sensors_) != {sensor_of(f) for f in names}:
+        raise ValueError("sensors do not match feature_names")
+    model = detector.model_
+    width = model.n_features if isinstance(model, Autoencoder) else None
+    if isinstance(model, dict) and "components" in model:
+        width = model["components"].shape[1]
+    if width is not None and width != len(names):
+        raise ValueError(
+            f"the model takes {width} features, feature_names has {len(names)}"
+        )
+
+
 def _read_metadata(uri: str) -> dict[str, Any]:
     try:
         meta = json.loads(storage.read_bytes(storage.join(uri, METADATA)))
@@ -341,6 +396,13 @@ def _read_metadata(uri: str) -> dict[str, Any]:
             f"{uri}/{METADATA}: artifact format {version!r}, this sagewatch "
             f"{__version__} reads format {FORMAT_VERSION}; retrain or use the version "
             f"that wrote it ({writer})"
+        )
+    if meta.get("sagewatch_version") != __version__:
+        log.warning(
+            "%s was written by sagewatch %s, this is %s; the format is the same",
+            uri,
+            meta.get("sagewatch_version"),
+            __version__,
         )
     return meta
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from tqdm.auto import tqdm
 
 from sagewatch import storage
 from sagewatch.schema import ENTITY, LABEL, TIMESTAMP
@@ -210,12 +211,15 @@ def write_report(
     percentiles: Sequence[float] = (50, 90, 95, 99),
     max_plot_entities: int = 12,
     context: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, Any], list[storage.FileInfo]]:
     """Write ``evaluation_report.json`` and ``.html`` to ``output_dir``."""
     report = evaluate(scores, top_n=top_n, percentiles=percentiles)
     if context:
         report["context"] = context
-    page = render_html(scores, report, max_plot_entities=max_plot_entities)
+    page = render_html(
+        scores, report, max_plot_entities=max_plot_entities, progress=progress
+    )
     infos = [
         storage.write_json(storage.join(output_dir, REPORT_JSON), report),
         storage.write_bytes(
@@ -232,7 +236,11 @@ def write_report(
 
 
 def render_html(
-    scores: pl.DataFrame, report: dict[str, Any], *, max_plot_entities: int = 12
+    scores: pl.DataFrame,
+    report: dict[str, Any],
+    *,
+    max_plot_entities: int = 12,
+    progress: bool = False,
 ) -> str:
     """One HTML page with every image inlined, so it opens offline."""
     import matplotlib
@@ -247,7 +255,10 @@ def render_html(
         "<h2>Anomaly score over time</h2>",
     ]
     entities = scores[ENTITY].unique(maintain_order=True).to_list()
-    for entity in entities[:max_plot_entities]:
+    shown = entities[:max_plot_entities]
+    for entity in tqdm(
+        shown, desc="plot", unit="entity", disable=not progress, leave=False
+    ):
         sections.append(
             _img(
                 _plot_entity(
@@ -266,6 +277,7 @@ def render_html(
         sections.append(
             _table([{"sensor": k, "rows": v} for k, v in report["top_sensors"].items()])
         )
+    sections.append(_quality_section(report.get("context", {}).get("data_quality")))
     body = "\n".join(sections)
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
@@ -294,6 +306,26 @@ def _summary_table(report: dict[str, Any]) -> str:
         },
     ]
     return "<h2>Summary</h2>" + _table(rows)
+
+
+def _quality_section(quality: dict[str, Any] | None) -> str:
+    """What input validation repaired and dropped, from the features stage."""
+    if not quality:
+        return ""
+    rows = [
+        {"what": "input rows", "value": quality.get("rows_in")},
+        {"what": "rows kept", "value": quality.get("rows_out")},
+        *({"what": f"dropped: {k}", "value": v} for k, v in quality["dropped"].items()),
+        *(
+            {"what": f"repaired: {k}", "value": v}
+            for k, v in quality["repaired"].items()
+        ),
+    ]
+    for key in ("empty_sensors", "constant_sensors", "ignored_columns"):
+        if quality.get(key):
+            rows.append({"what": key.replace("_", " "), "value": quality[key]})
+    sensors = [{"sensor": k, **v} for k, v in quality.get("sensors", {}).items()]
+    return "<h2>Input data quality</h2>" + _table(rows) + _table(sensors)
 
 
 def _metrics_table(metrics: dict[str, Any] | None) -> str:

@@ -21,9 +21,11 @@ import polars as pl
 
 from sagewatch import __version__, storage, streaming
 from sagewatch.config import Settings
+from sagewatch.errors import InputError
 from sagewatch.evaluation import write_report
 from sagewatch.features import build_features, feature_names, sensors_of
 from sagewatch.schema import ENTITY, TIMESTAMP, Dataset, load_raw
+from sagewatch.scoring import SCORE_COLUMNS
 from sagewatch.synthetic import generate
 
 if TYPE_CHECKING:  # torch loads only for the stages that need it
@@ -117,30 +119,33 @@ def stage_features(
 ) -> tuple[pl.DataFrame | str, StageRecord]:
     """Validate raw input and write its rolling features to ``output_dir``.
 
-    Input grouped by entity streams in chunks of ``chunk_rows`` rows and the
-    features come back as the URI of ``output_dir``; a ``dataset`` already in
-    memory, or input whose entities are interleaved, gives a table.
+    Input read from a URI streams in chunks of ``chunk_rows`` rows when
+    :func:`sagewatch.streaming.stream_features` can give exactly the in-memory
+    result, and the features then come back as the URI of ``output_dir``;
+    otherwise (and for a ``dataset`` already in memory) they come back as a table.
     """
-    with _Timer() as timer:
+    with _Timer() as timer, storage.track_reads() as reads:
         streamed = None
         if dataset is None:
-            try:
-                streamed = streaming.stream_features(
-                    settings,
-                    input_uri,
-                    output_dir,
-                    chunk_rows=chunk_rows,
-                    progress=progress,
-                )
-            except streaming.NotGroupedError as exc:
-                log.warning("%s; reading the whole input instead", exc)
+            streamed = streaming.stream_features(
+                settings,
+                input_uri,
+                output_dir,
+                chunk_rows=chunk_rows,
+                progress=progress,
+            )
         if streamed is not None:
             out: pl.DataFrame | str = output_dir
-            quality = streaming.public_quality(streamed.quality)
-            sensors, infos = streamed.sensors, streamed.outputs
-            rows_out = streamed.rows_out
+            quality, sensors = streamed.quality, streamed.sensors
+            infos, rows_out = streamed.outputs, streamed.rows_out
+            inputs = [f.as_dict() for f in streamed.inputs]
         else:
-            data = dataset or load_raw(input_uri, settings.data, settings.quality)
+            data = dataset or load_raw(
+                input_uri,
+                settings.data,
+                settings.quality,
+                rolling_window=settings.features.rolling_window,
+            )
             out = build_features(
                 data.frame, data.sensors, settings.features, data.passthrough
             )
@@ -148,7 +153,9 @@ def stage_features(
                 out, output_dir, by=ENTITY, stem=FEATURES_STEM
             )
             quality, sensors, rows_out = data.quality, data.sensors, out.height
-        inputs = _describe_inputs(input_uri)
+            inputs = (
+                _as_dicts(reads) if dataset is None else _describe_inputs(input_uri)
+            )
     record = StageRecord(
         "features",
         inputs=inputs,
@@ -172,13 +179,19 @@ def stage_train(
     """Fit a detector on the reference period and save it to ``model_dir``."""
     from sagewatch.training import fit_detector
 
-    with _Timer() as timer:
-        inputs = []
+    with _Timer() as timer, storage.track_reads() as reads:
+        source = features if isinstance(features, str) else "features"
         if isinstance(features, str):
-            inputs = _describe_inputs(features)
             features = read_features(features)
         columns = feature_names(
             sensors_of(features.columns), settings.features.statistics
+        )
+        _require(
+            features,
+            source,
+            columns,
+            "every feature of the configured statistics (compute the features "
+            "with the same statistics)",
         )
         detector, info = fit_detector(features, columns, settings, progress=progress)
         fingerprint = hashlib.sha256(
@@ -194,7 +207,7 @@ def stage_train(
         )
     record = StageRecord(
         "train",
-        inputs=inputs,
+        inputs=_as_dicts(reads),
         outputs=[w.as_dict() for w in written],
         rows_in=features.height,
         rows_out=info["train_rows"],
@@ -226,34 +239,31 @@ def stage_score(
     from sagewatch.scoring import score_features
 
     with _Timer() as timer:
-        inputs = []
-        if isinstance(detector, str):
-            inputs += [
-                storage.file_info(storage.join(detector, n)).as_dict()
-                for n in ("detector.json", "weights.pt")
-            ]
-            detector = Detector.load(detector)
+        with storage.track_reads() as reads:
+            if isinstance(detector, str):
+                detector = Detector.load(detector)
+        inputs = _as_dicts(reads)
         scores: pl.DataFrame | str | None = None
+        source = features if isinstance(features, str) else "features"
         if isinstance(features, str):
-            inputs += _describe_inputs(features)
-            try:
-                result = streaming.stream_scores(
-                    features,
-                    detector,
-                    output_dir,
-                    (SCORES_CSV, SCORES_PARQUET),
-                    chunk_rows=chunk_rows,
-                    progress=progress,
-                )
-            except streaming.NotGroupedError as exc:
-                log.warning("%s; reading the whole table instead", exc)
-                features = read_features(features)
-            else:
+            result = streaming.stream_scores(
+                features,
+                detector,
+                output_dir,
+                (SCORES_CSV, SCORES_PARQUET),
+                chunk_rows=chunk_rows,
+                progress=progress,
+            )
+            if result is not None:
                 scores = storage.join(output_dir, SCORES_PARQUET)
                 written, rows, flagged = result.outputs, result.rows, result.flagged
+                inputs += [f.as_dict() for f in result.inputs]
+            else:
+                with storage.track_reads() as reads:
+                    features = read_features(features)
+                inputs += _as_dicts(reads)
         if scores is None:
             assert isinstance(features, pl.DataFrame)
-            source = "features"
             table = score_features(features, detector, source=source, progress=progress)
             written = [
                 storage.write_table(table, storage.join(output_dir, SCORES_CSV)),
@@ -279,13 +289,13 @@ def stage_evaluate(
     output_dir: str,
     *,
     context: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, Any], StageRecord]:
     """Write the JSON and HTML report for a scores table."""
     with _Timer() as timer:
-        inputs = []
-        if isinstance(scores, str):
-            inputs = _describe_inputs(scores)
-            scores = read_scores(scores)
+        with storage.track_reads() as reads:
+            if isinstance(scores, str):
+                scores = read_scores(scores)
         ev = settings.evaluation
         report, written = write_report(
             scores,
@@ -294,10 +304,11 @@ def stage_evaluate(
             percentiles=ev.percentiles,
             max_plot_entities=ev.max_plot_entities,
             context=context,
+            progress=progress,
         )
     record = StageRecord(
         "evaluate",
-        inputs=inputs,
+        inputs=_as_dicts(reads),
         outputs=[w.as_dict() for w in written],
         rows_in=scores.height,
         seconds=timer.seconds,
@@ -306,20 +317,47 @@ def stage_evaluate(
 
 
 def read_features(uri: str) -> pl.DataFrame:
-    """Read a features table (file or folder of parts) in canonical order."""
-    return storage.read_table(uri).sort([ENTITY, TIMESTAMP], maintain_order=True)
+    """Read a features table (file or folder of parts) in canonical order.
+
+    Raises:
+        InputError: the table is not one ``sagewatch features`` wrote.
+    """
+    features = storage.read_table(uri)
+    what = "a features table written by `sagewatch features` (Parquet)"
+    _require(features, uri, [TIMESTAMP, ENTITY], what)
+    if not sensors_of(features.columns) or features.schema[TIMESTAMP] != pl.Datetime:
+        raise InputError(
+            f"{uri}: no '<sensor>__<statistic>' columns or no typed timestamps; "
+            f"expected {what}"
+        )
+    return features.sort([ENTITY, TIMESTAMP], maintain_order=True)
 
 
 def read_scores(uri: str) -> pl.DataFrame:
-    """Read a scores table written by :func:`stage_score` (CSV or Parquet)."""
+    """Read a scores table written by :func:`stage_score` (CSV or Parquet).
+
+    Raises:
+        InputError: the table is not one ``sagewatch score`` wrote.
+    """
     scores = storage.read_table(uri)
+    what = "anomaly_scores.csv or .parquet written by `sagewatch score`"
+    _require(scores, uri, [TIMESTAMP, ENTITY, *SCORE_COLUMNS[:4]], what)
     if scores.schema.get("timestamp") == pl.String:
-        scores = scores.with_columns(
-            pl.col("timestamp").str.to_datetime(time_zone="UTC", time_unit="us")
-        )
+        try:
+            scores = scores.with_columns(
+                pl.col("timestamp").str.to_datetime(time_zone="UTC", time_unit="us")
+            )
+        except pl.exceptions.PolarsError as exc:
+            raise InputError(f"{uri}: unreadable timestamps; expected {what}") from exc
     return scores.with_columns(
         pl.col("machine_id").cast(pl.String), pl.col("top_sensor").cast(pl.String)
     )
+
+
+def _require(frame: pl.DataFrame, uri: str, columns: list[str], what: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise InputError(f"{uri}: columns {missing} not found; expected {what}")
 
 
 # ----------------------------------------------------------------------------- run
@@ -339,26 +377,29 @@ def run(
     if input_uri is None:
         input_uri, record = stage_generate(settings, paths["raw"])
         stages.append(record)
-    features, record = stage_features(
+    features, features_record = stage_features(
         settings, input_uri, paths["features"], progress=progress
     )
-    stages.append(record)
-    detector, record = stage_train(
+    stages.append(features_record)
+    detector, train_record = stage_train(
         settings, features, paths["model"], progress=progress
     )
-    stages.append(record)
-    scores, record = stage_score(
+    _handed_over(train_record, features_record)
+    stages.append(train_record)
+    scores, score_record = stage_score(
         settings, features, detector, paths["scores"], progress=progress
     )
-    stages.append(record)
+    _handed_over(score_record, train_record, features_record)
+    stages.append(score_record)
     context = {
         "input": input_uri,
         "detector": settings.model.detector,
         "data_quality": stages[-3].details["quality"],
     }
     report, record = stage_evaluate(
-        settings, scores, paths["evaluation"], context=context
+        settings, scores, paths["evaluation"], context=context, progress=progress
     )
+    _handed_over(record, score_record)
     stages.append(record)
     manifest_uri = storage.join(data_dir, MANIFEST)
     write_manifest(
@@ -366,7 +407,7 @@ def run(
         settings,
         stages,
         started=started,
-        extra={"input": input_uri, "data_dir": data_dir},
+        extra={"input": input_uri, "data_dir": data_dir, **_store(input_uri, data_dir)},
     )
     return RunResult(data_dir, stages, report, manifest_uri)
 
@@ -395,5 +436,29 @@ def write_manifest(
     return storage.write_json(uri, manifest)
 
 
+def _store(*uris: str) -> dict[str, str]:
+    """The S3 endpoint, when any URI is on S3 (``s3://`` names no endpoint)."""
+    return {"s3_endpoint": storage.endpoint()} if any(map(storage.is_s3, uris)) else {}
+
+
+def _as_dicts(files: list[storage.FileInfo]) -> list[dict[str, Any]]:
+    return [f.as_dict() for f in files]
+
+
 def _describe_inputs(uri: str) -> list[dict[str, Any]]:
+    """Size and SHA-256 of input files this process did not read itself.
+
+    The files are streamed through the hash, never parsed; their row counts are
+    not known here and stay empty.
+    """
     return [storage.file_info(f).as_dict() for f in storage.list_files(uri)]
+
+
+def _handed_over(record: StageRecord, *previous: StageRecord) -> None:
+    """Record the outputs of earlier stages, passed in memory, as ``record``'s inputs.
+
+    The in-memory table is the one those files were written from, so their URIs,
+    sizes and fingerprints describe it without reading anything back.
+    """
+    if not record.inputs:
+        record.inputs = [o for p in previous for o in p.outputs]

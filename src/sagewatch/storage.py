@@ -1,40 +1,48 @@
 """Read and write artifacts at URIs: local paths or ``s3://bucket/key``.
 
-This is the only module that knows about files and buckets. S3 goes through boto3,
-which takes its endpoint, region and credentials from the standard AWS configuration
-(``AWS_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3``, profiles), so MinIO, Ceph or a moto
-server need no code change.
+This module, with the two private modules named below, is the only code that knows
+about files and buckets. S3 goes through boto3, which takes its endpoint, region and
+credentials from the standard AWS configuration (``AWS_ENDPOINT_URL``,
+``AWS_ENDPOINT_URL_S3``, ``AWS_PROFILE``, ``AWS_REGION``, the shared config files),
+so MinIO, Ceph or a moto server need no code change. Retries follow
+``AWS_MAX_ATTEMPTS`` and ``AWS_RETRY_MODE``.
 
-Every write is atomic: the bytes go to a temporary name next to the target and are
-moved into place only once complete (``os.replace`` locally; a copy from a temporary
-key and a delete on S3). A failure half-way leaves the previous object untouched.
+Every write is atomic. The content is first written completely to a temporary file
+next to the target (locally) or in a temporary folder (for S3). Locally it is then
+renamed into place with ``os.replace``; on S3 it is uploaded in one request or one
+multipart upload, and S3 shows an object only once such an upload has completed (a
+failed multipart upload is aborted). A failure half-way therefore leaves the previous
+file or object untouched and nothing under the final name.
+
+A location that cannot be reached, read or written raises a
+:class:`~sagewatch.errors.StorageError` naming the URI and what to check (a table
+that cannot be parsed raises :class:`~sagewatch.errors.InputError`); credentials
+never appear in messages. The S3 requests live in :mod:`sagewatch._s3` and the
+table formats in :mod:`sagewatch._tables`; nothing else imports either.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
+import contextvars
 import glob as globlib
 import hashlib
-import io
-import json
 import logging
 import os
 import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
-from functools import lru_cache
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from sagewatch import _s3, _tables
 from sagewatch.errors import (
     AccessDeniedError,
-    EndpointError,
     InputError,
     NotFoundError,
     StorageError,
@@ -42,13 +50,13 @@ from sagewatch.errors import (
 
 log = logging.getLogger(__name__)
 
-TABLE_SUFFIXES = (".parquet", ".csv", ".csv.gz", ".tsv", ".txt")
-_SEPARATORS = (",", ";", "\t", "|")
+TABLE_SUFFIXES = (".parquet", ".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt")
+sniff_separator = _tables.sniff_separator
 
 
 @dataclass(frozen=True)
 class FileInfo:
-    """What the manifest records about one file."""
+    """What the manifest records about one file: URI, size, SHA-256, rows."""
 
     uri: str
     bytes: int
@@ -81,95 +89,71 @@ def join(base: str | os.PathLike[str], *parts: str) -> str:
 
 def split_s3(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
-    bucket, _, key = str(uri)[len("s3://") :].partition("/")
-    if not bucket:
-        raise StorageError(f"{uri!r} has no bucket name; expected s3://bucket/key")
-    return bucket, key
+    return _s3.split(uri)
 
 
 def basename(uri: str) -> str:
     return str(uri).rstrip("/").rsplit("/", 1)[-1]
 
 
-# ----------------------------------------------------------------------------- S3
+# ----------------------------------------------------------------------------- reads
 
 
-@lru_cache(maxsize=8)
-def _client(endpoint: str | None, region: str | None) -> Any:
-    import boto3
-
-    kwargs: dict[str, Any] = {}
-    if region:
-        kwargs["region_name"] = region
-    return boto3.client("s3", **kwargs)
-
-
-def s3_client() -> Any:
-    """A boto3 S3 client for the current environment (endpoint, region)."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-        "AWS_ENDPOINT_URL"
-    )
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    return _client(endpoint, region or "us-east-1")
+_READ_LOGS: contextvars.ContextVar[tuple[list[FileInfo], ...]] = contextvars.ContextVar(
+    "sagewatch_read_logs", default=()
+)
 
 
 @contextlib.contextmanager
-def _s3_errors(uri: str, action: str) -> Iterator[None]:
-    """Turn botocore failures into the project's errors, naming the URI."""
-    from botocore.exceptions import (
-        BotoCoreError,
-        ClientError,
-        EndpointConnectionError,
-        NoCredentialsError,
-    )
+def track_reads() -> Iterator[list[FileInfo]]:
+    """Collect a :class:`FileInfo` for every file read whole inside the block.
 
+    The size and SHA-256 come from the bytes already read, and tables carry their
+    row count, so a manifest can describe its inputs without reading them again.
+    """
+    files: list[FileInfo] = []
+    token = _READ_LOGS.set((*_READ_LOGS.get(), files))
     try:
-        yield
-    except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in {"NoSuchBucket"}:
-            raise NotFoundError(
-                f"cannot {action} {uri}: bucket {split_s3(uri)[0]!r} does not exist"
-            ) from exc
-        if code in {"NoSuchKey", "404", "NotFound"}:
-            raise NotFoundError(f"cannot {action} {uri}: no such object") from exc
-        if code in {
-            "AccessDenied",
-            "403",
-            "InvalidAccessKeyId",
-            "SignatureDoesNotMatch",
-        }:
-            raise AccessDeniedError(
-                f"cannot {action} {uri}: access denied ({code}); check the credentials "
-                "and the bucket policy"
-            ) from exc
-        raise StorageError(f"cannot {action} {uri}: {code or exc}") from exc
-    except EndpointConnectionError as exc:
-        raise EndpointError(
-            f"cannot {action} {uri}: endpoint {exc.kwargs.get('endpoint_url')} is "
-            "unreachable; check AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3"
-        ) from exc
-    except NoCredentialsError as exc:
-        raise AccessDeniedError(
-            f"cannot {action} {uri}: no AWS credentials found; set a profile or "
-            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
-        ) from exc
-    except BotoCoreError as exc:
-        raise StorageError(f"cannot {action} {uri}: {exc}") from exc
+        yield files
+    finally:
+        _READ_LOGS.reset(token)
 
 
-def _s3_keys(uri: str) -> list[str]:
-    bucket, prefix = split_s3(uri)
-    keys: list[str] = []
-    with _s3_errors(uri, "list"):
-        pages = (
-            s3_client()
-            .get_paginator("list_objects_v2")
-            .paginate(Bucket=bucket, Prefix=prefix)
-        )
-        for page in pages:
-            keys.extend(obj["Key"] for obj in page.get("Contents", []))
-    return sorted(keys)
+def _record(uri: str, data: bytes, rows: int | None = None) -> None:
+    logs = _READ_LOGS.get()
+    if not logs:
+        return
+    info = FileInfo(uri, len(data), hashlib.sha256(data).hexdigest(), rows)
+    for files in logs:
+        known = [i for i, f in enumerate(files) if f.uri == uri]
+        if not known:
+            files.append(info)
+        elif rows is not None:
+            files[known[0]] = info
+
+
+# ----------------------------------------------------------------------------- S3
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client for the current AWS configuration (endpoint, region,
+    profile, credentials), rebuilt whenever that configuration changes."""
+    return _s3.client()
+
+
+def endpoint() -> str:
+    """The S3 endpoint in use, without any user or password part."""
+    return _s3.endpoint()
+
+
+def storage_options() -> dict[str, Any]:
+    """Keyword arguments that point polars' own S3 reader at this configuration.
+
+    Pass them to ``pl.scan_parquet`` / ``pl.scan_csv``: the region, the endpoint
+    when it is not AWS's own, and a credential provider backed by the same boto3
+    session (profiles and role credentials included).
+    """
+    return _s3.polars_options()
 
 
 # ----------------------------------------------------------------------------- bytes
@@ -177,10 +161,7 @@ def _s3_keys(uri: str) -> list[str]:
 
 def exists(uri: str) -> bool:
     """Whether a file or object exists at ``uri`` (a folder or prefix counts)."""
-    if not is_s3(uri):
-        return Path(uri).exists()
-    _bucket, key = split_s3(uri)
-    return any(k == key or k.startswith(key.rstrip("/") + "/") for k in _s3_keys(uri))
+    return _s3.exists(uri) if is_s3(uri) else Path(uri).exists()
 
 
 def read_bytes(uri: str) -> bytes:
@@ -189,84 +170,130 @@ def read_bytes(uri: str) -> bytes:
     Raises:
         NotFoundError, AccessDeniedError, EndpointError, StorageError.
     """
+    data = _fetch(uri)
+    _record(uri, data)
+    return data
+
+
+def _fetch(uri: str) -> bytes:
     log.debug("read %s", uri)
     if is_s3(uri):
-        bucket, key = split_s3(uri)
-        with _s3_errors(uri, "read"):
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    try:
+        return _s3.get(uri)
+    with _local_errors(uri, "read"):
         return Path(uri).read_bytes()
+
+
+@contextlib.contextmanager
+def _local_errors(uri: str, action: str) -> Iterator[None]:
+    try:
+        yield
     except FileNotFoundError as exc:
-        raise NotFoundError(f"cannot read {uri}: no such file") from exc
+        raise NotFoundError(
+            f"cannot {action} {uri}: no such file or folder; check the path"
+        ) from exc
     except IsADirectoryError as exc:
         raise StorageError(
-            f"cannot read {uri}: it is a directory, expected a file"
+            f"cannot {action} {uri}: it is a folder, not a file"
         ) from exc
     except PermissionError as exc:
-        raise AccessDeniedError(f"cannot read {uri}: permission denied") from exc
+        raise AccessDeniedError(
+            f"cannot {action} {uri}: permission denied; check the file permissions"
+        ) from exc
+    except OSError as exc:
+        raise StorageError(f"cannot {action} {uri}: {exc.strerror or exc}") from exc
+
+
+def file_info(uri: str, rows: int | None = None) -> FileInfo:
+    """Size and SHA-256 of one file or object, streamed in chunks (not kept)."""
+    if is_s3(uri):
+        return FileInfo(uri, *_s3.digest(uri), rows)
+    with _local_errors(uri, "read"), open(uri, "rb") as fh:
+        sha = hashlib.file_digest(fh, "sha256")
+        size = fh.tell()
+    return FileInfo(uri, size, sha.hexdigest(), rows)
 
 
 def write_bytes(uri: str, data: bytes) -> FileInfo:
     """Write ``data`` atomically; return its size and SHA-256."""
-    with _staged(uri) as tmp:
-        Path(tmp).write_bytes(data)
-    return FileInfo(uri, len(data), hashlib.sha256(data).hexdigest())
+    with _staged(uri) as staged:
+        Path(staged.path).write_bytes(data)
+    return staged.info
 
 
 def read_json(uri: str) -> Any:
+    """Read a JSON document.
+
+    Raises:
+        StorageError: the file cannot be read or is not valid JSON.
+    """
+    import json
+
     data = read_bytes(uri)
     try:
         return json.loads(data)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise StorageError(f"{uri} is not valid JSON: {exc}") from exc
 
 
 def write_json(uri: str, obj: Any) -> FileInfo:
+    """Write ``obj`` as indented, key-sorted JSON, atomically."""
+    import json
+
     text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
     return write_bytes(uri, text.encode("utf-8"))
 
 
+# ----------------------------------------------------------------------------- staging
+
+
+@dataclass
+class _Staging:
+    path: str
+    info: FileInfo
+
+
 @contextlib.contextmanager
-def _staged(uri: str) -> Iterator[str]:
-    """Yield a temporary local path; on success move its content to ``uri``."""
+def _staged(
+    uri: str, rows: Callable[[str], int | None] | None = None
+) -> Iterator[_Staging]:
+    """Yield a temporary local path to write; on success move the file to ``uri``.
+
+    ``rows``, given the finished temporary file, counts its rows for the record.
+    """
+    staging = _Staging("", FileInfo(uri, 0, ""))
     if is_s3(uri):
         with tempfile.TemporaryDirectory(prefix="sagewatch-") as tmpdir:
-            tmp = os.path.join(tmpdir, basename(uri))
-            yield tmp
-            _put_s3(tmp, uri)
+            staging.path = os.path.join(tmpdir, basename(uri) or "object")
+            with _local_errors(uri, "write"):
+                yield staging
+            staging.info = _describe_local(staging.path, uri, rows)
+            _s3.upload(staging.path, uri)
         return
+    with _local_staged(uri) as tmp:
+        staging.path = tmp
+        yield staging
+        staging.info = _describe_local(tmp, uri, rows)
+
+
+@contextlib.contextmanager
+def _local_staged(uri: str) -> Iterator[str]:
+    """A temporary name next to local ``uri``, renamed onto it on success."""
     target = Path(uri)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StorageError(f"cannot create folder {target.parent}: {exc}") from exc
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        yield str(tmp)
-        os.replace(tmp, target)
+        with _local_errors(uri, "write"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            yield str(tmp)
+            os.replace(tmp, target)
         log.debug("wrote %s", uri)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _put_s3(local: str, uri: str) -> None:
-    """Upload under a temporary key, then copy into place and delete the temporary."""
-    bucket, key = split_s3(uri)
-    tmp_key = f"{key}.tmp-{uuid.uuid4().hex[:8]}"
-    client = s3_client()
-    with _s3_errors(uri, "write"):
-        client.upload_file(local, bucket, tmp_key)
-        try:
-            client.copy({"Bucket": bucket, "Key": tmp_key}, bucket, key)
-        finally:
-            client.delete_object(Bucket=bucket, Key=tmp_key)
-    log.debug("wrote %s", uri)
-
-
-def file_info(uri: str, rows: int | None = None) -> FileInfo:
-    """Size and SHA-256 of one file or object."""
-    data = read_bytes(uri)
-    return FileInfo(uri, len(data), hashlib.sha256(data).hexdigest(), rows)
+def _describe_local(
+    path: str, uri: str, rows: Callable[[str], int | None] | None
+) -> FileInfo:
+    return replace(file_info(path, rows(path) if rows else None), uri=uri)
 
 
 # ----------------------------------------------------------------------------- listing
@@ -275,10 +302,13 @@ def file_info(uri: str, rows: int | None = None) -> FileInfo:
 def list_files(uri: str, suffixes: tuple[str, ...] = TABLE_SUFFIXES) -> list[str]:
     """Expand a file, a folder (or prefix) or a glob into the files it names.
 
-    Hidden files and temporary names are skipped; the result is sorted.
+    A glob's ``*`` and ``?`` stay within one folder level and ``**`` spans levels,
+    locally and on S3 alike. Hidden files and temporary names are skipped; the
+    result is sorted.
 
     Raises:
-        NotFoundError: nothing matches.
+        NotFoundError: nothing matches (an empty folder or prefix, or a missing
+            bucket).
     """
     uri = str(uri)
     found = _list_s3(uri, suffixes) if is_s3(uri) else _list_local(uri, suffixes)
@@ -295,10 +325,16 @@ def _visible(name: str, suffixes: tuple[str, ...]) -> bool:
     return not base.startswith(".") and ".tmp-" not in base and base.endswith(suffixes)
 
 
+def _is_glob(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
 def _list_local(uri: str, suffixes: tuple[str, ...]) -> list[str]:
-    if any(ch in uri for ch in "*?["):
+    if _is_glob(uri):
         return sorted(
-            p for p in globlib.glob(uri, recursive=True) if _visible(p, suffixes)
+            p
+            for p in globlib.glob(uri, recursive=True)
+            if Path(p).is_file() and _visible(p, suffixes)
         )
     path = Path(uri)
     if path.is_file():
@@ -314,15 +350,16 @@ def _list_local(uri: str, suffixes: tuple[str, ...]) -> list[str]:
 
 def _list_s3(uri: str, suffixes: tuple[str, ...]) -> list[str]:
     bucket, key = split_s3(uri)
-    if any(ch in key for ch in "*?["):
-        prefix = key.split("*")[0].split("?")[0].split("[")[0]
-        keys = _s3_keys(f"s3://{bucket}/{prefix}")
+    if _is_glob(key):
+        prefix = re.split(r"[*?\[]", key, maxsplit=1)[0]
+        pattern = _glob_regex(key)
+        keys = _s3.keys(f"s3://{bucket}/{prefix}")
         return [
             f"s3://{bucket}/{k}"
             for k in keys
-            if fnmatch.fnmatch(k, key) and _visible(k, suffixes)
+            if pattern.fullmatch(k) and _visible(k, suffixes)
         ]
-    keys = _s3_keys(uri)
+    keys = _s3.keys(uri)
     if key in keys:
         return [uri]
     folder = key.rstrip("/") + "/" if key else ""
@@ -333,6 +370,28 @@ def _list_s3(uri: str, suffixes: tuple[str, ...]) -> list[str]:
     ]
 
 
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """A shell glob as a regular expression over ``/``-separated keys."""
+    tokens = re.split(r"(\*\*/|\*\*|\*|\?|\[[^\]]+\])", pattern)
+    parts = []
+    for token in tokens:
+        if token == "**/":
+            parts.append("(?:.*/)?")
+        elif token == "**":
+            parts.append(".*")
+        elif token == "*":
+            parts.append("[^/]*")
+        elif token == "?":
+            parts.append("[^/]")
+        elif token.startswith("[") and len(token) > 2:
+            body = token[1:-1]
+            body = "^" + body[1:] if body.startswith("!") else body
+            parts.append(f"[{body}]")
+        else:
+            parts.append(re.escape(token))
+    return re.compile("".join(parts))
+
+
 # ----------------------------------------------------------------------------- tables
 
 
@@ -341,6 +400,7 @@ def read_table(uri: str, *, sep: str | None = None) -> pl.DataFrame:
 
     Part files are concatenated in name order. CSV columns whose values do not all
     parse as numbers come back as strings, so validation can name the bad row.
+    Inside :func:`track_reads`, each file is recorded with its row count.
 
     Raises:
         NotFoundError: nothing at ``uri``.
@@ -358,106 +418,128 @@ def read_table(uri: str, *, sep: str | None = None) -> pl.DataFrame:
 
 
 def _read_one(uri: str, sep: str | None) -> pl.DataFrame:
-    data = read_bytes(uri)
-    log.debug("parse %s (%d bytes)", uri, len(data))
-    if uri.endswith(".parquet"):
-        try:
-            return pl.read_parquet(io.BytesIO(data))
-        except Exception as exc:  # polars raises several foreign types here
-            raise InputError(f"{uri}: not a readable Parquet file: {exc}") from exc
-    if uri.endswith(".gz"):
-        import gzip
-
-        try:
-            data = gzip.decompress(data)
-        except OSError as exc:
-            raise InputError(f"{uri}: not a readable gzip file: {exc}") from exc
-    return _parse_csv(uri, data, sep)
+    data = _fetch(uri)
+    frame = _tables.parse(uri, data, sep)
+    _record(uri, data, frame.height)
+    return frame
 
 
-def _parse_csv(uri: str, data: bytes, sep: str | None) -> pl.DataFrame:
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    if not data.strip():
-        raise InputError(
-            f"{uri}: the file is empty; expected a header row and data rows"
-        )
-    separator = sep or sniff_separator(data)
-    options: dict[str, Any] = {"separator": separator, "try_parse_dates": False}
-    try:
-        return pl.read_csv(io.BytesIO(data), infer_schema_length=10_000, **options)
-    except pl.exceptions.ComputeError:
-        # A column that looked numeric early on holds text later: read all as text
-        # and let schema validation name the first bad value.
-        pass
-    except pl.exceptions.PolarsError as exc:
-        raise InputError(
-            f"{uri}: cannot parse as CSV with separator {separator!r}: {exc}"
-        ) from exc
-    try:
-        return pl.read_csv(io.BytesIO(data), infer_schema_length=0, **options)
-    except pl.exceptions.PolarsError as exc:
-        raise InputError(
-            f"{uri}: cannot parse as CSV with separator {separator!r}: {exc}"
-        ) from exc
+def scan_table(uri: str, *, sep: str | None = None) -> pl.LazyFrame:
+    """A lazy scan of a Parquet or CSV file, folder or glob, local or on S3.
+
+    Parquet and plain CSV are streamed by polars' own reader (on S3 with the same
+    endpoint, region and credentials as :func:`s3_client`); gzip CSV is read whole.
+
+    Notes:
+        Scanned files are not fingerprinted (no bytes pass through here); use
+        :func:`file_info`, which streams, where a manifest needs them. Read errors
+        inside polars surface when the frame is collected, as polars errors.
+
+    Raises:
+        NotFoundError: nothing at ``uri`` (checked now, before any scan).
+    """
+    files = list_files(uri)
+    options = storage_options() if is_s3(files[0]) else {}
+    frames = []
+    for f in files:
+        if f.endswith(".parquet"):
+            frames.append(pl.scan_parquet(f, **options))
+        elif f.endswith(".gz"):
+            frames.append(_read_one(f, sep).lazy())
+        else:
+            separator = sep or _tables.sniff_separator(_head(f))
+            frames.append(
+                pl.scan_csv(
+                    f, separator=separator, infer_schema_length=10_000, **options
+                )
+            )
+    return frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
 
 
-def sniff_separator(data: bytes) -> str:
-    """Pick the separator that splits the header line into the most columns."""
-    header = data.split(b"\n", 1)[0].decode("utf-8", errors="replace")
-    return max(_SEPARATORS, key=header.count)
+def _head(uri: str, size: int = 65536) -> bytes:
+    """The first ``size`` bytes of a file or object."""
+    if is_s3(uri):
+        return _s3.get(uri, first_bytes=size)
+    with _local_errors(uri, "read"), open(uri, "rb") as fh:
+        return fh.read(size)
 
 
 def write_table(df: pl.DataFrame, uri: str) -> FileInfo:
-    """Write ``df`` as Parquet or CSV (by suffix), atomically; describe the file."""
-    with _staged(uri) as tmp:
-        if uri.endswith(".parquet"):
-            df.write_parquet(tmp, statistics=True)
-        elif uri.endswith(".csv.gz"):
-            import gzip
+    """Write ``df`` as Parquet, CSV or TSV (by suffix, ``.gz`` too), atomically.
 
-            with gzip.GzipFile(tmp, "wb", mtime=0) as fh:
-                df.write_csv(fh)
-        elif uri.endswith((".csv", ".txt")):
-            df.write_csv(tmp)
-        else:
-            raise StorageError(
-                f"cannot write table {uri}: expected .parquet, .csv or .csv.gz"
-            )
-        data = Path(tmp).read_bytes()
-    return FileInfo(uri, len(data), hashlib.sha256(data).hexdigest(), df.height)
+    Raises:
+        StorageError: an unknown suffix, or the file cannot be written.
+    """
+    writer = _tables.writer(uri)
+    with _staged(uri) as staged:
+        writer(df, staged.path)
+    return replace(staged.info, rows=df.height)
+
+
+def sink_table(lf: pl.LazyFrame, uri: str) -> FileInfo:
+    """Stream ``lf`` into a Parquet or CSV file at ``uri``, atomically.
+
+    The rows are streamed to a local temporary file first (then renamed or
+    uploaded), so the frame never has to fit in memory.
+    """
+    if uri.endswith(".parquet"):
+        with _staged(uri, rows=_tables.parquet_rows) as staged:
+            lf.sink_parquet(staged.path, statistics=True)
+    elif uri.endswith((".csv", ".txt")):
+        with _staged(uri, rows=_tables.csv_rows) as staged:
+            lf.sink_csv(staged.path)
+    else:
+        raise StorageError(f"cannot stream into {uri}: expected .parquet or .csv")
+    return staged.info
 
 
 # ----------------------------------------------------------------------------- folders
 
 
 def upload_dir(local_dir: str | Path, uri: str) -> list[FileInfo]:
-    """Copy every file of a local folder to ``uri`` (a folder or prefix)."""
+    """Copy every file of a local folder to ``uri`` (a folder or prefix).
+
+    Each file is copied atomically; sub-folders are kept.
+
+    Raises:
+        NotFoundError: ``local_dir`` is not a folder.
+    """
+    source = Path(local_dir)
+    if not source.is_dir():
+        raise NotFoundError(f"cannot copy {source}: it is not a folder")
     infos = []
-    for path in sorted(Path(local_dir).rglob("*")):
-        if path.is_file():
-            rel = path.relative_to(local_dir).as_posix()
-            infos.append(write_bytes(join(uri, rel), path.read_bytes()))
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        target = join(uri, path.relative_to(source).as_posix())
+        info = replace(file_info(str(path)), uri=target)
+        if is_s3(target):
+            _s3.upload(str(path), target)
+        else:
+            with _local_staged(target) as tmp:
+                shutil.copyfile(path, tmp)
+        infos.append(info)
     return infos
 
 
 def download_dir(uri: str, local_dir: str | Path) -> Path:
-    """Copy every file under ``uri`` into ``local_dir``; return ``local_dir``."""
+    """Copy every file under ``uri`` into ``local_dir``; return ``local_dir``.
+
+    Raises:
+        NotFoundError: ``uri`` is not a folder or holds nothing.
+    """
     local = Path(local_dir)
     if not is_s3(uri):
         if not Path(uri).is_dir():
-            raise NotFoundError(f"{uri} is not a folder")
-        shutil.copytree(uri, local, dirs_exist_ok=True)
+            raise NotFoundError(f"cannot copy {uri}: it is not a folder")
+        upload_dir(uri, str(local))
         return local
     bucket, key = split_s3(uri)
-    folder = key.rstrip("/") + "/"
-    keys = [k for k in _s3_keys(uri) if k.startswith(folder)]
+    folder = key.rstrip("/") + "/" if key.strip("/") else ""
+    keys = [k for k in _s3.keys(f"s3://{bucket}/{folder}") if not k.endswith("/")]
     if not keys:
-        raise NotFoundError(f"nothing under {uri}; check the prefix")
+        raise NotFoundError(f"nothing under {uri}; check the bucket and prefix")
     for k in keys:
-        target = local / k[len(folder) :]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(read_bytes(f"s3://{bucket}/{k}"))
+        with _local_staged(str(local / k[len(folder) :])) as tmp:
+            _s3.download(f"s3://{bucket}/{k}", tmp)
     return local
 
 
@@ -465,7 +547,7 @@ def local_copy(uri: str, tmpdir: str | Path) -> Path:
     """A local folder holding the folder at ``uri`` (itself, when already local)."""
     if not is_s3(uri):
         if not Path(uri).is_dir():
-            raise NotFoundError(f"{uri} is not a folder")
+            raise NotFoundError(f"cannot open {uri}: it is not a folder")
         return Path(uri)
     return download_dir(uri, Path(tmpdir) / basename(uri))
 
@@ -496,69 +578,13 @@ def write_partitioned(
 # ----------------------------------------------------------------------------- streams
 
 
-def staged_path(uri: str) -> contextlib.AbstractContextManager[str]:
-    """A local path to write ``uri`` through; moved into place only on success.
+def staged(
+    uri: str, rows: Callable[[str], int | None] | None = None
+) -> contextlib.AbstractContextManager[_Staging]:
+    """A local path (``.path``) to write ``uri`` through in pieces, atomically.
 
-    For writers that append in pieces (a Parquet writer, a CSV written chunk by
-    chunk): the target never holds a partial file.
+    For writers that append (a Parquet writer, a CSV written chunk by chunk): the
+    file is moved into place (or uploaded) only when the block ends without an
+    error, and ``.info`` then holds its size, SHA-256 and, given ``rows``, its rows.
     """
-    return _staged(uri)
-
-
-def _object_store_options() -> dict[str, str]:
-    """polars' object-store options from the standard AWS environment."""
-    options: dict[str, str] = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-        "AWS_ENDPOINT_URL"
-    )
-    if endpoint:
-        options["aws_endpoint_url"] = endpoint
-        if endpoint.startswith("http://"):
-            options["aws_allow_http"] = "true"
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    options["aws_region"] = region or "us-east-1"
-    return options
-
-
-def scan_table(uri: str, *, sep: str | None = None) -> pl.LazyFrame:
-    """A lazy scan of one table file: Parquet or plain CSV, local or on S3.
-
-    CSV columns are read as text so that validation can name a bad value; compressed
-    CSV is read whole (gzip cannot be split).
-
-    Raises:
-        InputError: the file cannot be scanned as a table.
-    """
-    options = _object_store_options() if is_s3(uri) else None
-    try:
-        if uri.endswith(".parquet"):
-            return pl.scan_parquet(uri, storage_options=options)
-        if uri.endswith(".gz"):
-            return _read_one(uri, sep).lazy()
-        head = read_head(uri)
-        return pl.scan_csv(
-            uri,
-            separator=sep or sniff_separator(head),
-            infer_schema=False,
-            storage_options=options,
-        )
-    except pl.exceptions.PolarsError as exc:
-        raise InputError(f"{uri}: cannot scan as a table: {exc}") from exc
-
-
-def read_head(uri: str, size: int = 65_536) -> bytes:
-    """The first ``size`` bytes of a file or object (for sniffing a CSV header)."""
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        with _s3_errors(uri, "read"):
-            body = s3_client().get_object(
-                Bucket=bucket, Key=key, Range=f"bytes=0-{size - 1}"
-            )["Body"]
-            data: bytes = body.read()
-    else:
-        try:
-            with open(uri, "rb") as fh:
-                data = fh.read(size)
-        except FileNotFoundError as exc:
-            raise NotFoundError(f"cannot read {uri}: no such file") from exc
-    return data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+    return _staged(uri, rows)

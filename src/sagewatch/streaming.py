@@ -1,36 +1,45 @@
 """Chunked features and scoring: bounded memory whatever the number of rows.
 
-Raw input is read file by file in batches (polars' streaming scan) and cut into
-chunks of whole entities, each validated by :func:`sagewatch.schema.validate` with
-the same rules as the in-memory path. An entity longer than a chunk is cut into
-pieces in time order; each piece carries the last ``rolling_window - 1`` rows of the
-piece before it, so its features are the same as if the entity had been read whole.
-Scoring reads the feature files the same way and carries, per entity, the rows of
-context a detector asks for (its ``context_rows`` attribute, 0 when absent).
+Input larger than one chunk is read file by file in batches (polars' streaming scan)
+and cut into chunks of whole entities; an entity longer than a chunk is cut into
+pieces in time order, each a chunk of its own. Every chunk is validated by
+:func:`sagewatch.schema.validate` with the same rules as the in-memory path, and a
+piece carries the last ``rolling_window - 1`` readings of the piece before it, so
+its features are those of the whole entity. Scoring reads the feature files the
+same way and carries, per entity, the rows of context a detector asks for (its
+``context_rows`` attribute, 0 when absent).
 
-Features go to one Parquet file per entity (the pieces of a long entity are appended
-as row groups); scores to one CSV and one Parquet file, appended chunk by chunk.
-Memory holds one chunk and its outputs.
+Features go to one Parquet file per entity (a long entity's pieces appended as row
+groups); scores to one CSV and one Parquet file, appended chunk by chunk. Memory
+holds one chunk and its outputs; nothing is moved into place before the end.
 
 Notes:
-    Input must be grouped by entity (the rows of an entity contiguous), as it is
-    with one file per entity or a table sorted by entity; otherwise the stages fall
-    back to the in-memory path (and say so), since grouping needs every row.
-    Validation of a long entity's pieces is piece by piece: a gap at the start of a
-    piece is not forward-filled from the piece before, and row numbers in error
-    messages count from the start of the chunk. Sensors are those of the first
-    chunk. The quality summary's median step is the median of the chunks' medians.
+    Streamed results equal the in-memory ones exactly, quality report included:
+    counts add up over chunks, the median step and time gaps come from the merged
+    counts of every step, constant sensors from merged minima and maxima. Where
+    chunk-by-chunk validation could differ from validating the whole input, the
+    stage falls back to the in-memory path (with an INFO line saying why) and
+    discards what it streamed. That is the case when the input fits in one chunk
+    (nothing to gain); when files differ in their columns or types, or an entity's
+    rows are not contiguous; when any chunk breaks a rule (the in-memory path then
+    raises the error, with its exact file, line and entity) or has a rule drop,
+    sort or de-duplicate rows; when chunks find different sensors, empty sensors
+    or ignored columns; when a piece of a long entity does not start later than
+    the piece before, or starts with a missing reading (forward fill would need
+    the piece before); when an entity name comes back in a later chunk; and when
+    steps take more than ``MAX_STEP_VALUES`` distinct values. Compressed CSV is
+    read whole per file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -46,7 +55,15 @@ from sagewatch.features import (
     feature_names,
     sensor_matrix,
 )
-from sagewatch.schema import ENTITY, LABEL, SOURCE, TIMESTAMP, Dataset, validate
+from sagewatch.schema import (
+    ENTITY,
+    LABEL,
+    LINE,
+    SOURCE,
+    TIMESTAMP,
+    Dataset,
+    validate,
+)
 
 if TYPE_CHECKING:
     from sagewatch.detector import Detector
@@ -55,10 +72,17 @@ log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 1_000_000
 FEATURES_STEM = "features"
+# Distinct time steps kept for an exact median; beyond this, validate in memory.
+MAX_STEP_VALUES = 100_000
+_CSV = (".csv", ".csv.gz", ".tsv", ".txt")
 
 
 class NotGroupedError(InputError):
     """The rows of an entity are not contiguous, so chunks cannot hold whole ones."""
+
+
+class _Fallback(Exception):
+    """Streaming cannot give exactly the in-memory result; the reason is the text."""
 
 
 # ----------------------------------------------------------------------------- progress
@@ -110,9 +134,8 @@ class Progress:
 
 @dataclass
 class Chunk:
-    """Consecutive rows: whole entities, except that the first may continue the
-    last entity of the chunk before (``continues``) and the last may go on in the
-    next chunk (``open_end``)."""
+    """Consecutive rows: whole entities, or one piece of a long entity that may
+    continue the chunk before (``continues``) and go on in the next (``open_end``)."""
 
     frame: pl.DataFrame
     continues: bool = False
@@ -120,13 +143,17 @@ class Chunk:
 
 
 def count_rows(files: list[str], sep: str | None = None) -> int | None:
-    """Rows in Parquet files from their metadata; None when a CSV is among them."""
-    if not all(f.endswith(".parquet") for f in files):
+    """Rows in the files: Parquet from metadata, plain CSV by a scan; None when
+    they cannot be counted cheaply (compressed or unreadable files)."""
+    if any(f.endswith(".gz") for f in files):
         return None
-    return sum(
-        int(storage.scan_table(f, sep=sep).select(pl.len()).collect().item())
-        for f in files
-    )
+    try:
+        return sum(
+            int(storage.scan_table(f, sep=sep).select(pl.len()).collect().item())
+            for f in files
+        )
+    except (pl.exceptions.PolarsError, OSError):
+        return None
 
 
 def entity_chunks(
@@ -136,7 +163,8 @@ def entity_chunks(
 ) -> Iterator[Chunk]:
     """Regroup row batches into chunks of about ``chunk_rows`` rows cut at entities.
 
-    An entity that reaches ``chunk_rows`` rows on its own is passed on in pieces.
+    An entity that reaches ``chunk_rows`` rows on its own is passed on in pieces,
+    each piece a chunk of its own.
 
     Raises:
         NotGroupedError: an entity's rows appear again after another entity's.
@@ -146,13 +174,19 @@ def entity_chunks(
     ready_rows, done = 0, _Seen()
     open_name: str | None = None  # the entity whose last piece went out open-ended
 
-    def emit(frames: list[pl.DataFrame], *, open_end: bool) -> Chunk:
+    def emit(frames: list[pl.DataFrame], *, open_end: bool) -> Iterator[Chunk]:
         nonlocal open_name
         frame = _concat(frames)
         first = frame.select(key.first()).item()
-        chunk = Chunk(frame, continues=first == open_name, open_end=open_end)
+        if first == open_name and not open_end:
+            runs = frame.select(key.rle_id()).to_series().to_numpy()
+            cut = int(np.searchsorted(runs, 1))
+            yield Chunk(frame.slice(0, cut), continues=True)
+            frame = frame.slice(cut)
+            first = None
+        if frame.height:
+            yield Chunk(frame, continues=first == open_name, open_end=open_end)
         open_name = frame.select(key.last()).item() if open_end else None
-        return chunk
 
     for batch in batches:
         frame = batch if pending is None else _concat([pending, batch])
@@ -164,16 +198,16 @@ def entity_chunks(
             ready.append(complete)
             ready_rows += complete.height
         if ready_rows >= chunk_rows or (ready and pending.height >= chunk_rows):
-            yield emit(ready, open_end=False)
+            yield from emit(ready, open_end=False)
             ready, ready_rows = [], 0
         if pending.height >= chunk_rows:
-            yield emit([pending], open_end=True)
+            yield from emit([pending], open_end=True)
             pending = None
     if pending is not None:
         done.add(_run_names(pending, key))
         ready.append(pending)
     if ready:
-        yield emit(ready, open_end=False)
+        yield from emit(ready, open_end=False)
 
 
 class _Seen:
@@ -226,19 +260,25 @@ def _run_names(frame: pl.DataFrame, key: pl.Expr) -> list[str]:
 def raw_batches(
     files: list[str], sep: str | None, chunk_rows: int
 ) -> Iterator[pl.DataFrame]:
-    """Row batches of raw input files, in order, each tagged with its file name.
+    """Row batches of raw input files, in order, each row tagged with its file and
+    line (CSV, header = line 1) or row number, as :func:`sagewatch.schema.load_raw`
+    tags them.
 
     Raises:
-        InputError: a file has a header but no rows.
+        InputError: a file has a header but no rows, or cannot be read.
     """
     for path in files:
-        scan = storage.scan_table(path, sep=sep).with_columns(
-            pl.lit(storage.basename(path)).alias(SOURCE)
-        )
+        first = 2 if path.endswith(_CSV) else 1
+        scan = storage.scan_table(path, sep=sep)
         rows = 0
         for batch in _batches(scan, path, chunk_rows):
+            yield batch.with_columns(
+                pl.lit(path).alias(SOURCE),
+                pl.int_range(
+                    first + rows, first + rows + batch.height, dtype=pl.Int64
+                ).alias(LINE),
+            )
             rows += batch.height
-            yield batch
         if rows == 0:
             raise InputError(f"{path}: the file has a header but no data rows")
 
@@ -263,6 +303,7 @@ class FeaturesResult:
     passthrough: list[str]
     quality: dict[str, Any]
     outputs: list[storage.FileInfo] = field(default_factory=list)
+    inputs: list[storage.FileInfo] = field(default_factory=list)
     rows_out: int = 0
 
 
@@ -273,7 +314,7 @@ class _Tail:
     entity: str
     values: np.ndarray  # (sensors, rows)
     position: int  # rows of the entity before the first carried row
-    last_time: Any
+    last_time: pl.Series  # (1,) kept as a series: no loss of precision
 
 
 def stream_features(
@@ -283,53 +324,81 @@ def stream_features(
     *,
     chunk_rows: int = CHUNK_ROWS,
     progress: bool = False,
-) -> FeaturesResult:
+) -> FeaturesResult | None:
     """Validate raw input chunk by chunk and write its features per entity.
 
+    Returns None, having written nothing, where the result could differ from the
+    in-memory path's (see the module notes); the caller then validates in memory.
+
     Raises:
-        NotGroupedError: the input is not grouped by entity.
-        InputError: the data breaks the contract in a way no rule repairs.
+        StorageError: the input cannot be listed.
     """
-    data, quality = settings.data, settings.quality
+    data = settings.data
     files = storage.list_files(input_uri)
+    total = count_rows(files, data.sep)
+    try:
+        if total is not None and total <= chunk_rows:
+            raise _Fallback(f"{total} rows fit in one chunk of {chunk_rows}")
+        _same_schema(files, data.sep)
+        with _EntityWriter(output_dir) as writer:
+            result = _stream_features(
+                settings, input_uri, files, writer, chunk_rows, total, progress
+            )
+    except (_Fallback, InputError, pl.exceptions.PolarsError) as exc:
+        log.info("%s: not streamed (%s); validating in memory", input_uri, exc)
+        return None
+    result.outputs = writer.outputs
+    result.inputs = [
+        storage.file_info(f, rows=result.quality.pop("_file_rows").get(f))
+        for f in files
+    ]
+    return result
+
+
+def _same_schema(files: list[str], sep: str | None) -> None:
+    first = storage.scan_table(files[0], sep=sep).collect_schema()
+    for path in files[1:]:
+        if storage.scan_table(path, sep=sep).collect_schema() != first:
+            raise _Fallback(f"{path}: columns or types differ from {files[0]}")
+
+
+def _stream_features(
+    settings: Settings,
+    input_uri: str,
+    files: list[str],
+    writer: _EntityWriter,
+    chunk_rows: int,
+    total: int | None,
+    progress: bool,
+) -> FeaturesResult:
+    data, quality = settings.data, settings.quality
     windows = storage.read_json(data.label_windows) if data.label_windows else None
-    entity = data.entity_column
     batches = raw_batches(files, data.sep, chunk_rows)
     first = next(batches)
+    entity = data.entity_column
     key = (
-        pl.col(entity).cast(pl.String)
+        pl.col(entity).cast(pl.String).str.strip_chars()
         if entity and entity in first.columns
         else pl.col(SOURCE)
     )
-    chunks = entity_chunks(_prepend(first, batches), key, chunk_rows)
-    bar = Progress("features", count_rows(files, data.sep), show=progress)
-    writer = _EntityWriter(output_dir)
+    merged = _Quality()
+    bar = Progress("features", total, show=progress)
     tail: _Tail | None = None
     result: FeaturesResult | None = None
-    with writer:
-        for chunk in chunks:
-            bar.update(chunk.frame.height)
-            fixed = data if result is None else _fix_sensors(data, result.sensors)
-            dataset = validate(
-                chunk.frame, input_uri, fixed, quality, label_windows=windows
-            )
-            if result is None:
-                result = FeaturesResult(
-                    dataset.sensors, dataset.passthrough, _empty_quality()
-                )
-            _add_quality(result.quality, dataset.quality)
-            if dataset.sensors != result.sensors:
-                _drop_chunk(result, dataset, quality.drop_unfilled_rows)
-                continue
-            head = dataset.frame[ENTITY][0]
-            carry = tail if chunk.continues and tail and tail.entity == head else None
-            features, tail = _chunk_features(dataset, carry, settings)
-            writer.write(features, continues=carry is not None, open_end=chunk.open_end)
-            result.rows_out += features.height
+    for chunk in entity_chunks(_prepend(first, batches), key, chunk_rows):
+        merged.count_files(chunk.frame)
+        dataset = validate(chunk.frame, input_uri, data, quality, label_windows=windows)
+        if result is None:
+            result = FeaturesResult(dataset.sensors, dataset.passthrough, {})
+        carry = tail if chunk.continues else None
+        merged.add(dataset, result, carry)
+        features, tail = _chunk_features(dataset, carry, settings)
+        writer.write(features, continues=carry is not None, open_end=chunk.open_end)
+        result.rows_out += features.height
+        bar.update(chunk.frame.height)
     bar.close()
     assert result is not None
-    result.outputs = writer.outputs
-    result.quality["rows_out"] = result.rows_out
+    result.quality = merged.report(settings.features.rolling_window)
     return result
 
 
@@ -340,30 +409,142 @@ def _prepend(
     yield from rest
 
 
-def _fix_sensors(data: Any, sensors: list[str]) -> Any:
-    return data.model_copy(update={"sensor_columns": sensors})
+class _Quality:
+    """The quality report of the whole input, merged from the chunks' reports.
 
+    Raises :class:`_Fallback` where a chunk's report cannot be merged exactly.
+    """
 
-def _drop_chunk(result: FeaturesResult, dataset: Dataset, drop: bool) -> None:
-    """A chunk that lacks a sensor entirely: every row has an unfillable gap."""
-    missing = sorted(set(result.sensors) - set(dataset.sensors))
-    entities = dataset.frame[ENTITY].unique(maintain_order=True).to_list()
-    if not drop:
-        raise InputError(
-            f"{dataset.source}: sensor(s) {missing} have no values for entities "
-            f"{entities[:5]}; set drop_unfilled_rows or sensor_columns"
+    _SAME = ("ignored_columns", "empty_sensors")
+    _ZERO = ("out_of_order_rows", "exact_duplicate_rows", "duplicate_timestamps")
+
+    def __init__(self) -> None:
+        self.first: dict[str, Any] | None = None
+        self.rows_in = self.rows_out = 0
+        self.repaired: Counter[str] = Counter()
+        self.sensors: dict[str, Counter[str]] = {}
+        self.entity_rows: Counter[str] = Counter()
+        self.steps: Counter[float] = Counter()
+        self.low: dict[str, float] = {}
+        self.high: dict[str, float] = {}
+        self.file_rows: Counter[str] = Counter()
+
+    def count_files(self, raw: pl.DataFrame) -> None:
+        counts = raw.group_by(SOURCE).len()
+        self.file_rows.update(dict(counts.iter_rows()))
+
+    def add(
+        self, dataset: Dataset, result: FeaturesResult, carry: _Tail | None
+    ) -> None:
+        report, frame = dataset.quality, dataset.frame
+        self._check(report, dataset, result, carry)
+        self.rows_in += report["rows_in"]
+        self.rows_out += report["rows_out"]
+        self.repaired.update(report["repaired"])
+        for sensor, counts in report["sensors"].items():
+            self.sensors.setdefault(sensor, Counter()).update(counts)
+        self.entity_rows.update(report["entity_rows"])
+        self._add_steps(frame, carry)
+        extremes = frame.select(
+            *[pl.col(s).min().alias(f"lo|{s}") for s in dataset.sensors],
+            *[pl.col(s).max().alias(f"hi|{s}") for s in dataset.sensors],
+        ).row(0, named=True)
+        for s in dataset.sensors:
+            lo, hi = extremes[f"lo|{s}"], extremes[f"hi|{s}"]
+            self.low[s] = lo if s not in self.low else min(self.low[s], lo)
+            self.high[s] = hi if s not in self.high else max(self.high[s], hi)
+
+    def _check(
+        self,
+        report: dict[str, Any],
+        dataset: Dataset,
+        result: FeaturesResult,
+        carry: _Tail | None,
+    ) -> None:
+        if self.first is None:
+            self.first = report
+        if dataset.sensors != result.sensors:
+            raise _Fallback(f"sensors {dataset.sensors} differ from {result.sensors}")
+        for name in self._SAME:
+            if report[name] != self.first[name]:
+                raise _Fallback(f"{name} differ between chunks")
+        for name in self._ZERO:
+            if report[name]:
+                raise _Fallback(f"{report[name]} {name.replace('_', ' ')}")
+        if report["dropped"] or report["entities_dropped"]:
+            raise _Fallback(f"rows dropped: {report['dropped']}")
+        frame = dataset.frame
+        if carry is not None:
+            if (frame[TIMESTAMP].head(1) <= carry.last_time).item():
+                raise _Fallback(f"entity {carry.entity!r} goes back in time")
+        else:
+            again = [e for e in report["entity_rows"] if e in self.entity_rows]
+            if again:
+                raise _Fallback(f"entity {again[0]!r} appears in two chunks")
+
+    def _add_steps(self, frame: pl.DataFrame, carry: _Tail | None) -> None:
+        same = pl.col(ENTITY) == pl.col(ENTITY).shift(1)
+        steps = frame.select(
+            pl.when(same).then(pl.col(TIMESTAMP).diff()).alias("step")
+        ).to_series()
+        if carry is not None:  # the step from the piece before
+            boundary = frame[TIMESTAMP].head(1) - carry.last_time
+            steps = boundary.alias("step").append(steps)
+        seconds = steps.dt.total_seconds(fractional=True).drop_nulls()
+        self.steps.update(dict(seconds.value_counts().iter_rows()))
+        if len(self.steps) > MAX_STEP_VALUES:
+            raise _Fallback(f"more than {MAX_STEP_VALUES} distinct time steps")
+
+    def report(self, rolling_window: int) -> dict[str, Any]:
+        assert self.first is not None
+        median = _median(self.steps)
+        gaps = (
+            sum(n for v, n in self.steps.items() if v > 1.5 * median) if median else 0
         )
-    dropped = result.quality["dropped"]
-    dropped["rows_with_unfillable_gaps"] = (
-        dropped.get("rows_with_unfillable_gaps", 0) + dataset.frame.height
-    )
-    result.quality["rows_out"] -= dataset.frame.height
-    log.warning(
-        "dropped %d rows of entities %s: no %s",
-        dataset.frame.height,
-        entities[:5],
-        missing,
-    )
+        entity_rows = dict(sorted(self.entity_rows.items()))
+        short = {e: n for e, n in entity_rows.items() if n < rolling_window}
+        if short:
+            log.warning(
+                "%d entities have fewer rows than rolling_window=%d; their first "
+                "windows are partial (e.g. %s)",
+                len(short),
+                rolling_window,
+                next(iter(short.items())),
+            )
+        return {
+            "rows_in": self.rows_in,
+            "dropped": {},
+            "repaired": dict(self.repaired),
+            "ignored_columns": self.first["ignored_columns"],
+            "sensors": {s: dict(c) for s, c in self.sensors.items()},
+            "empty_sensors": self.first["empty_sensors"],
+            "out_of_order_rows": 0,
+            "exact_duplicate_rows": 0,
+            "duplicate_timestamps": 0,
+            "entities_dropped": [],
+            "rows_out": self.rows_out,
+            "median_step_seconds": median,
+            "time_gaps": int(gaps),
+            "constant_sensors": [s for s in self.low if self.high[s] == self.low[s]],
+            "entity_rows": entity_rows,
+            "short_entities": short,
+            "_file_rows": dict(self.file_rows),
+        }
+
+
+def _median(counts: Counter[float]) -> float | None:
+    """The median of values given as counts, as polars computes it."""
+    n = sum(counts.values())
+    if n == 0:
+        return None
+    wanted = sorted({(n - 1) // 2, n // 2})
+    found, seen = [], 0
+    for value in sorted(counts):
+        seen += counts[value]
+        while wanted and wanted[0] < seen:
+            found.append(value)
+            wanted.pop(0)
+    return pl.Series([found[0], found[-1]], dtype=pl.Float64).median()
 
 
 def _chunk_features(
@@ -376,7 +557,10 @@ def _chunk_features(
     starts = entity_starts(frame[ENTITY])
     lead, context = 0, 0
     if carry is not None:
-        _check_order(carry, frame)
+        if np.isnan(values[:, 0]).any():
+            raise _Fallback(
+                f"a piece of entity {carry.entity!r} starts with a missing reading"
+            )
         context, lead = carry.values.shape[1], carry.position
         values = np.concatenate([carry.values, values], axis=1)
         starts = starts[1:] + context
@@ -396,86 +580,39 @@ def _chunk_features(
         frame[ENTITY][-1],
         values[:, first:].copy(),
         offset + first - begin,
-        frame[TIMESTAMP][-1],
+        frame[TIMESTAMP].tail(1),
     )
     return out, tail
-
-
-def _check_order(carry: _Tail, frame: pl.DataFrame) -> None:
-    if frame[ENTITY][0] != carry.entity or frame[TIMESTAMP][0] <= carry.last_time:
-        raise InputError(
-            f"entity {carry.entity!r} is longer than one chunk and its rows are not "
-            f"in time order across chunks (at {frame[TIMESTAMP][0]}); sort the input "
-            "by entity and time, or raise the chunk size"
-        )
-
-
-def _empty_quality() -> dict[str, Any]:
-    return {
-        "rows_in": 0,
-        "rows_out": 0,
-        "dropped": {},
-        "repaired": {},
-        "missing": {},
-        "non_finite": {},
-        "out_of_order_rows": 0,
-        "time_gaps": 0,
-        "entity_rows": {},
-        "constant_sensors": None,
-        "chunks": 0,
-        "_steps": [],
-    }
-
-
-def _add_quality(total: dict[str, Any], part: dict[str, Any]) -> None:
-    """Fold one chunk's quality report into the running total."""
-    for name in ("rows_in", "rows_out", "out_of_order_rows", "time_gaps"):
-        total[name] += int(part.get(name) or 0)
-    for name in ("dropped", "repaired", "missing", "non_finite"):
-        for k, v in (part.get(name) or {}).items():
-            total[name][k] = total[name].get(k, 0) + v
-    for k, v in (part.get("entity_rows") or {}).items():
-        total["entity_rows"][k] = total["entity_rows"].get(k, 0) + v
-    constant = set(part.get("constant_sensors") or [])
-    previous = total["constant_sensors"]
-    total["constant_sensors"] = sorted(
-        constant if previous is None else constant & set(previous)
-    )
-    for name in ("empty_sensors",):
-        if part.get(name):
-            total[name] = sorted(set(total.get(name, [])) | set(part[name]))
-    if part.get("median_step_seconds") is not None:
-        total["_steps"].append(part["median_step_seconds"])
-    total["median_step_seconds"] = (
-        float(np.median(total["_steps"])) if total["_steps"] else None
-    )
-    total["chunks"] += 1
-
-
-def public_quality(quality: dict[str, Any]) -> dict[str, Any]:
-    """The quality report without its bookkeeping."""
-    return {k: v for k, v in quality.items() if not k.startswith("_")}
 
 
 # ----------------------------------------------------------------------------- writing
 
 
 class _EntityWriter:
-    """One Parquet file per entity; a long entity's pieces appended as row groups."""
+    """One Parquet file per entity; a long entity's pieces appended as row groups.
+
+    Files are staged and moved into place together when the block ends without
+    an error; otherwise none of them is.
+    """
 
     def __init__(self, output_dir: str) -> None:
         self.output_dir = output_dir
         self.outputs: list[storage.FileInfo] = []
+        self._stack = contextlib.ExitStack()
+        self._files: list[tuple[Any, int]] = []
         self._open: _AppendParquet | None = None
 
     def __enter__(self) -> _EntityWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         if self._open is not None:
-            info = self._open.close(failed=exc[0] is not None)
-            self.outputs.append(info)
+            self._open.close()
+            self._files.append((self._open.staging, self._open.rows))
             self._open = None
+        self._stack.__exit__(*exc)
+        if exc[0] is None:
+            self.outputs = [replace(s.info, rows=rows) for s, rows in self._files]
 
     def uri(self, entity: str) -> str:
         name = f"{FEATURES_STEM}-{storage.safe_name(entity)}.parquet"
@@ -483,8 +620,7 @@ class _EntityWriter:
 
     def write(self, features: pl.DataFrame, *, continues: bool, open_end: bool) -> None:
         if self._open is not None and not continues:
-            self.outputs.append(self._open.close())
-            self._open = None
+            self._finish_open()
         starts = entity_starts(features[ENTITY]).tolist()
         bounds = [*starts, features.height]
         for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
@@ -494,35 +630,39 @@ class _EntityWriter:
                 assert self._open is not None
                 self._open.write(part)
                 if not (last and open_end):
-                    self.outputs.append(self._open.close())
-                    self._open = None
+                    self._finish_open()
             elif last and open_end:
-                self._open = _AppendParquet(self.uri(part[ENTITY][0]))
+                staging = self._stack.enter_context(
+                    storage.staged(self.uri(part[ENTITY][0]))
+                )
+                self._open = _AppendParquet(staging)
                 self._open.write(part)
             else:
-                self.outputs.append(_write_features(part, self.uri(part[ENTITY][0])))
+                self._write_whole(part)
 
+    def _finish_open(self) -> None:
+        assert self._open is not None
+        self._open.close()
+        self._files.append((self._open.staging, self._open.rows))
+        self._open = None
 
-def _write_features(part: pl.DataFrame, uri: str) -> storage.FileInfo:
-    """One entity's features as Parquet, atomically.
+    def _write_whole(self, part: pl.DataFrame) -> None:
+        """One entity's features as Parquet.
 
-    Uncompressed: rolling statistics of noisy readings barely compress (about 10 %
-    with zstd) and compressing them costs more than computing them.
-    """
-    with storage.staged_path(uri) as tmp:
-        part.write_parquet(tmp, compression="uncompressed", statistics=True)
-        size, sha = _digest(tmp)
-    return storage.FileInfo(uri, size, sha, part.height)
+        Uncompressed: rolling statistics of noisy readings barely compress (about
+        10 % with zstd) and compressing them costs more than computing them.
+        """
+        staging = self._stack.enter_context(storage.staged(self.uri(part[ENTITY][0])))
+        part.write_parquet(staging.path, compression="uncompressed", statistics=True)
+        self._files.append((staging, part.height))
 
 
 class _AppendParquet:
-    """A Parquet file written in pieces under a temporary name, then moved."""
+    """A Parquet file written in pieces to a staged path."""
 
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
+    def __init__(self, staging: Any) -> None:
+        self.staging = staging
         self.rows = 0
-        self._stack = contextlib.ExitStack()
-        self.path = self._stack.enter_context(storage.staged_path(uri))
         self._writer: Any = None
 
     def write(self, frame: pl.DataFrame) -> None:
@@ -531,30 +671,18 @@ class _AppendParquet:
         table = frame.to_arrow()
         if self._writer is None:
             self._writer = pq.ParquetWriter(
-                self.path, table.schema, compression="none", use_dictionary=False
+                self.staging.path,
+                table.schema,
+                compression="none",
+                use_dictionary=False,
             )
         self._writer.write_table(table)
         self.rows += frame.height
 
-    def close(self, *, failed: bool = False) -> storage.FileInfo:
+    def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-        info = storage.FileInfo(self.uri, *_digest(self.path), self.rows)
-        if failed:
-            self._stack.__exit__(InputError, InputError("aborted"), None)
-        else:
-            self._stack.close()
-        return info
-
-
-def _digest(path: str) -> tuple[int, str]:
-    """Size and SHA-256 of a local file, read in pieces."""
-    sha, size = hashlib.sha256(), 0
-    with open(path, "rb") as fh:
-        for piece in iter(lambda: fh.read(1 << 20), b""):
-            sha.update(piece)
-            size += len(piece)
-    return size, sha.hexdigest()
+            self._writer = None
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -567,6 +695,7 @@ class ScoresResult:
     rows: int = 0
     flagged: int = 0
     outputs: list[storage.FileInfo] = field(default_factory=list)
+    inputs: list[storage.FileInfo] = field(default_factory=list)
 
 
 def context_rows(detector: Detector) -> int:
@@ -574,33 +703,50 @@ def context_rows(detector: Detector) -> int:
     return int(getattr(detector, "context_rows", 0) or 0)
 
 
-def feature_chunks(files: list[str], chunk_rows: int) -> Iterator[Chunk]:
+def feature_chunks(
+    files: list[str], chunk_rows: int, rows: Counter[str] | None = None
+) -> Iterator[Chunk]:
     """Feature rows in chunks of about ``chunk_rows`` rows, files in order.
 
+    ``rows``, when given, counts the rows read per file.
+
     Raises:
-        NotGroupedError: an entity's rows are spread over the input, or go back in
-            time.
+        NotGroupedError: entities are not contiguous and in ascending order, or
+            their rows go back in time.
     """
     seen = _Seen()
     last_time: Any = None
     ready: list[pl.DataFrame] = []
-    rows, continues = 0, False
+    total, continues = 0, False
     for path in files:
         for batch in _batches(storage.scan_table(path), path, chunk_rows):
             names = _run_names(batch, pl.col(ENTITY))
             joins = names[0] == seen.current
+            _check_ascending(names, None if joins else seen.current)
             seen.add(names)
             _check_time(batch, last_time if joins else None)
             last_time = batch[TIMESTAMP][-1]
+            if rows is not None:
+                rows[path] += batch.height
             if not ready:
                 continues = joins
             ready.append(batch)
-            rows += batch.height
-            if rows >= chunk_rows:
+            total += batch.height
+            if total >= chunk_rows:
                 yield Chunk(_concat(ready), continues=continues)
-                ready, rows = [], 0
+                ready, total = [], 0
     if ready:
         yield Chunk(_concat(ready), continues=continues)
+
+
+def _check_ascending(names: list[str], before: str | None) -> None:
+    """Entities in the order the in-memory path sorts them, so outputs match."""
+    order = ([before] if before is not None else []) + names
+    if any(a >= b for a, b in itertools.pairwise(order)):
+        raise NotGroupedError(
+            "feature files do not hold entities in ascending order; streaming "
+            "needs them sorted by entity and time"
+        )
 
 
 def _check_time(batch: pl.DataFrame, last_time: Any) -> None:
@@ -622,28 +768,78 @@ def stream_scores(
     *,
     chunk_rows: int = CHUNK_ROWS,
     progress: bool = False,
-) -> ScoresResult:
+) -> ScoresResult | None:
     """Score feature files chunk by chunk, appending to each of ``outputs``.
 
     ``outputs`` are file names under ``output_dir`` (``.csv`` or ``.parquet``).
+    Returns None, having written nothing, when the features fit in one chunk or
+    are not sorted by entity and time, or are not a features table; the caller
+    then reads them whole (and names any problem).
 
     Raises:
-        NotGroupedError: the features are not sorted by entity and time.
         SchemaMismatchError: the features lack columns the detector needs.
     """
+    files = storage.list_files(features_uri)
+    total = count_rows(files)
+    try:
+        if total is None or total <= chunk_rows:
+            raise _Fallback(f"{total} rows, not more than one chunk of {chunk_rows}")
+        _check_features_schema(files[0])
+        rows: Counter[str] = Counter()
+        result = _stream_scores(
+            files,
+            features_uri,
+            detector,
+            output_dir,
+            outputs,
+            chunk_rows,
+            total,
+            progress,
+            rows,
+        )
+    except (_Fallback, InputError, pl.exceptions.PolarsError) as exc:
+        log.info("%s: not streamed (%s); reading it whole", features_uri, exc)
+        return None
+    result.inputs = [storage.file_info(f, rows=rows[f]) for f in files]
+    log.info(
+        "scored %d rows: %d above threshold %.6g (%.2f %%)",
+        result.rows,
+        result.flagged,
+        detector.threshold_,
+        100.0 * result.flagged / max(result.rows, 1),
+    )
+    return result
+
+
+def _check_features_schema(path: str) -> None:
+    schema = storage.scan_table(path).collect_schema()
+    if ENTITY not in schema or not isinstance(schema.get(TIMESTAMP), pl.Datetime):
+        raise _Fallback(f"{path} is not a features table")
+
+
+def _stream_scores(
+    files: list[str],
+    features_uri: str,
+    detector: Detector,
+    output_dir: str,
+    outputs: tuple[str, ...],
+    chunk_rows: int,
+    total: int,
+    progress: bool,
+    rows: Counter[str],
+) -> ScoresResult:
     from sagewatch.scoring import score_features
 
-    files = storage.list_files(features_uri)
     context = context_rows(detector)
     result = ScoresResult()
-    bar = Progress("score", count_rows(files), show=progress)
+    bar = Progress("score", total, show=progress)
     carry: pl.DataFrame | None = None
     with contextlib.ExitStack() as stack:
         sinks = [
             stack.enter_context(_TableSink(storage.join(output_dir, name)))
             for name in outputs
         ]
-        for chunk in feature_chunks(files, chunk_rows):
+        for chunk in feature_chunks(files, chunk_rows, rows):
             frame = chunk.frame
             lead = 0
             if context and chunk.continues and carry is not None:
@@ -659,15 +855,10 @@ def stream_scores(
             result.rows += scores.height
             result.flagged += int(scores["is_anomaly"].sum())
             bar.update(chunk.frame.height)
-        result.outputs = [sink.finish() for sink in sinks]
+        for sink in sinks:
+            sink.close()
+    result.outputs = [sink.info for sink in sinks]
     bar.close()
-    log.info(
-        "scored %d rows: %d above threshold %.6g (%.2f %%)",
-        result.rows,
-        result.flagged,
-        detector.threshold_,
-        100.0 * result.flagged / max(result.rows, 1),
-    )
     return result
 
 
@@ -689,12 +880,16 @@ class _TableSink:
         self._csv: Any = None
 
     def __enter__(self) -> _TableSink:
-        self.path = self._stack.enter_context(storage.staged_path(self.uri))
+        self._staging = self._stack.enter_context(storage.staged(self.uri))
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._close_writers()
+        self.close()
         self._stack.__exit__(*exc)
+
+    @property
+    def info(self) -> storage.FileInfo:
+        return replace(self._staging.info, rows=self.rows)
 
     def write(self, frame: pl.DataFrame) -> None:
         if self.uri.endswith(".parquet"):
@@ -702,25 +897,21 @@ class _TableSink:
 
             table = frame.to_arrow()
             if self._writer is None:
-                self._writer = pq.ParquetWriter(self.path, table.schema)
+                self._writer = pq.ParquetWriter(self._staging.path, table.schema)
             self._writer.write_table(table)
         else:
             if self._csv is None:
-                self._csv = open(self.path, "wb")  # noqa: SIM115 - closed in finish
+                self._csv = open(self._staging.path, "wb")  # noqa: SIM115
             frame.write_csv(self._csv, include_header=self.rows == 0)
         self.rows += frame.height
 
-    def _close_writers(self) -> None:
+    def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
         if self._csv is not None:
             self._csv.close()
             self._csv = None
-
-    def finish(self) -> storage.FileInfo:
-        self._close_writers()
-        return storage.FileInfo(self.uri, *_digest(self.path), self.rows)
 
 
 __all__ = [
@@ -733,7 +924,6 @@ __all__ = [
     "context_rows",
     "entity_chunks",
     "feature_chunks",
-    "public_quality",
     "stream_features",
     "stream_scores",
 ]

@@ -1,0 +1,141 @@
+"""Table formats for :mod:`sagewatch.storage`: parsing bytes and writing files.
+
+CSV (any separator, gzip too) and Parquet. Only :mod:`sagewatch.storage` imports
+this module; it never touches a URI's location, only bytes and local paths.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import polars as pl
+
+from sagewatch.errors import InputError, StorageError
+
+log = logging.getLogger("sagewatch.storage")
+
+_SEPARATORS = (",", ";", "\t", "|")
+
+
+def parse(uri: str, data: bytes, sep: str | None) -> pl.DataFrame:
+    """The table in ``data``, read by the suffix of ``uri``.
+
+    Raises:
+        InputError: the bytes are not a readable Parquet, gzip or CSV file.
+    """
+    log.debug("parse %s (%d bytes)", uri, len(data))
+    if uri.endswith(".parquet"):
+        try:
+            return pl.read_parquet(io.BytesIO(data))
+        except Exception as exc:  # polars raises several foreign types here
+            raise InputError(f"{uri}: not a readable Parquet file: {exc}") from exc
+    return _parse_csv(uri, _gunzip(uri, data), sep)
+
+
+def _gunzip(uri: str, data: bytes) -> bytes:
+    if not uri.endswith(".gz"):
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError) as exc:
+        raise InputError(f"{uri}: not a readable gzip file: {exc}") from exc
+
+
+def _parse_csv(uri: str, data: bytes, sep: str | None) -> pl.DataFrame:
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise InputError(f"{uri}: the file is UTF-16 text; expected UTF-8")
+    if not data.strip():
+        raise InputError(
+            f"{uri}: the file is empty; expected a header row and data rows"
+        )
+    separator = sep or sniff_separator(data)
+    options: dict[str, Any] = {"separator": separator, "try_parse_dates": False}
+    try:
+        frame = pl.read_csv(io.BytesIO(data), infer_schema_length=10_000, **options)
+    except pl.exceptions.ComputeError:
+        # A column that looked numeric early on holds text later: read all as text
+        # and let schema validation name the first bad value.
+        frame = None
+    except pl.exceptions.PolarsError as exc:
+        raise _csv_error(uri, data, separator, exc) from exc
+    if frame is None:
+        try:
+            frame = pl.read_csv(io.BytesIO(data), infer_schema_length=0, **options)
+        except pl.exceptions.PolarsError as exc:
+            raise _csv_error(uri, data, separator, exc) from exc
+    if frame.width and frame[frame.columns[-1]].null_count():
+        # Polars pads a short line with nulls; only then is the slow check needed.
+        _check_field_counts(uri, data, separator)
+    return frame
+
+
+def _csv_error(uri: str, data: bytes, separator: str, exc: Exception) -> InputError:
+    _check_field_counts(uri, data, separator)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
+    return InputError(
+        f"{uri}: cannot parse as CSV with separator {separator!r}: {first}"
+    )
+
+
+def _check_field_counts(uri: str, data: bytes, separator: str) -> None:
+    """Refuse the first line whose field count differs from the header's."""
+    import csv
+
+    text = io.StringIO(data.decode("utf-8", errors="replace"), newline="")
+    reader = csv.reader(text, delimiter=separator)
+    header = next(reader, [])
+    for row in reader:
+        if row and len(row) != len(header):
+            raise InputError(
+                f"{uri}, line {reader.line_num}: {len(row)} fields, the header has "
+                f"{len(header)}; expected one field per column (a line cut short, or "
+                "the wrong separator?)"
+            )
+
+
+def sniff_separator(data: bytes) -> str:
+    """Pick the separator that splits the header line into the most columns."""
+    header = data.split(b"\n", 1)[0].decode("utf-8", errors="replace")
+    return max(_SEPARATORS, key=header.count)
+
+
+def parquet_rows(path: str) -> int:
+    return int(pl.scan_parquet(path).select(pl.len()).collect().item())
+
+
+def csv_rows(path: str) -> int:
+    return int(pl.scan_csv(path).select(pl.len()).collect().item())
+
+
+def writer(uri: str) -> Callable[[pl.DataFrame, str], None]:
+    def csv(df: pl.DataFrame, path: str, sep: str, gz: bool) -> None:
+        if not gz:
+            df.write_csv(path, separator=sep)
+            return
+        # No name and no time in the gzip header: equal tables give equal bytes.
+        with (
+            open(path, "wb") as raw,
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as fh,
+        ):
+            df.write_csv(fh, separator=sep)
+
+    writers: dict[str, Callable[[pl.DataFrame, str], None]] = {
+        ".parquet": lambda df, p: df.write_parquet(p, statistics=True),
+        ".csv.gz": lambda df, p: csv(df, p, ",", True),
+        ".tsv.gz": lambda df, p: csv(df, p, "\t", True),
+        ".csv": lambda df, p: csv(df, p, ",", False),
+        ".txt": lambda df, p: csv(df, p, ",", False),
+        ".tsv": lambda df, p: csv(df, p, "\t", False),
+    }
+    for suffix, writer in writers.items():
+        if uri.endswith(suffix):
+            return writer
+    raise StorageError(
+        f"cannot write table {uri}: expected a name ending in {', '.join(writers)}"
+    )

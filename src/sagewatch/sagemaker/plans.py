@@ -1,0 +1,230 @@
+"""Job plans: the validated request, the uploads it needs, nothing sent yet.
+
+A plan is what ``--plan`` prints and what :mod:`.launch` submits, so the printed
+JSON is exactly the request that is sent. Inputs given as local paths become
+uploads to a content-addressed prefix (``uploads/<sha256>/``), so uploading twice
+writes nothing new and a re-planned request names the same objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sagewatch import storage
+from sagewatch.config import Settings
+from sagewatch.errors import ConfigError
+from sagewatch.sagemaker import contract
+from sagewatch.sagemaker.bundle import SourceBundle, build_source_bundle
+from sagewatch.sagemaker.jobs import (
+    check_job_name,
+    features_request,
+    score_request,
+    training_request,
+)
+from sagewatch.sagemaker.target import Target, locations, resolve_target
+from sagewatch.sagemaker.validation import validate_request
+
+
+@dataclass(frozen=True)
+class Upload:
+    """Bytes to put in S3 before the requests are sent (content-addressed)."""
+
+    uri: str
+    sha256: str
+    bytes: int
+    source: str
+    files: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    data: bytes | None = field(default=None, repr=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "uri": self.uri,
+            "files": max(len(self.files), 1),
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+        }
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """One job request, what must be uploaded first, and what must be empty."""
+
+    operation: str
+    request: dict[str, Any]
+    uploads: tuple[Upload, ...] = ()
+    empty_outputs: tuple[str, ...] = ()
+    placeholders: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        key = (
+            "ProcessingJobName" if "Processing" in self.operation else "TrainingJobName"
+        )
+        return str(self.request[key])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "uploads": [u.describe() for u in self.uploads],
+            "placeholders": list(self.placeholders),
+            "requests": [{"operation": self.operation, "request": self.request}],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+
+def code_upload(settings: Settings, target: Target, bundle: SourceBundle) -> Upload:
+    return Upload(
+        uri=f"{target.root(settings)}/{bundle.key}",
+        sha256=bundle.sha256,
+        bytes=len(bundle.data),
+        source="sagewatch source archive",
+        data=bundle.data,
+    )
+
+
+def input_upload(settings: Settings, target: Target, local: str) -> Upload:
+    """Plan the upload of local data to ``uploads/<content hash>/``.
+
+    Uploads stay out of the stage prefixes (``raw/``, ``features/``), which jobs
+    read whole by default.
+
+    Raises:
+        NotFoundError: no table files at ``local``.
+        ConfigError: two files with one name (from a glob over several folders).
+    """
+    files = storage.list_files(local)
+    base = Path(local) if Path(local).is_dir() else None
+    names = [
+        Path(f).relative_to(base).as_posix() if base else Path(f).name for f in files
+    ]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{local}: several input files share a name; upload a folder")
+    digest, size = hashlib.sha256(), 0
+    for name, path in sorted(zip(names, files, strict=True)):
+        data = Path(path).read_bytes()
+        size += len(data)
+        digest.update(f"{name}\0{len(data)}\0".encode() + data)
+    sha = digest.hexdigest()
+    prefix = locations(settings, target)["uploads"]
+    return Upload(
+        uri=f"{prefix}{sha[:16]}/",
+        sha256=sha,
+        bytes=size,
+        source=str(local),
+        files=tuple(sorted(zip(names, files, strict=True))),
+    )
+
+
+def _sources(
+    settings: Settings, target: Target, input_uri: str | None, kind: str
+) -> tuple[str, list[Upload]]:
+    """An input as an S3 URI, and the upload that puts local data there."""
+    if input_uri is None:
+        return locations(settings, target)[kind], []
+    if storage.is_s3(input_uri):
+        return input_uri, []
+    upload = input_upload(settings, target, input_uri)
+    return upload.uri, [upload]
+
+
+def _plan(
+    operation: str,
+    request: dict[str, Any],
+    uploads: list[Upload],
+    target: Target,
+    empty: tuple[str, ...] = (),
+) -> JobPlan:
+    validate_request(operation, request)
+    return JobPlan(operation, request, tuple(uploads), empty, target.placeholders)
+
+
+def plan_features(
+    settings: Settings,
+    *,
+    job_name: str,
+    input_uri: str | None = None,
+    output_uri: str | None = None,
+    strict: bool = False,
+    bundle: SourceBundle | None = None,
+) -> JobPlan:
+    """The features Processing job; local input is uploaded under ``raw/``."""
+    target = resolve_target(settings, strict=strict)
+    where = locations(settings, target)
+    code = code_upload(settings, target, bundle or build_source_bundle())
+    source, uploads = _sources(settings, target, input_uri, "raw")
+    output = output_uri or where["features"]
+    request = features_request(
+        settings,
+        target,
+        job_name=check_job_name(job_name),
+        code_uri=code.uri.rsplit("/", 1)[0] + "/",
+        input_uri=source,
+        output_uri=output,
+    )
+    return _plan("CreateProcessingJob", request, [code, *uploads], target, (output,))
+
+
+def plan_training(
+    settings: Settings,
+    *,
+    job_name: str,
+    input_uri: str | None = None,
+    output_uri: str | None = None,
+    strict: bool = False,
+    bundle: SourceBundle | None = None,
+) -> JobPlan:
+    """The Training job; the model lands in ``<output>/<job>/output/model.tar.gz``."""
+    target = resolve_target(settings, strict=strict)
+    where = locations(settings, target)
+    code = code_upload(settings, target, bundle or build_source_bundle())
+    source, uploads = _sources(settings, target, input_uri, "features")
+    request = training_request(
+        settings,
+        target,
+        job_name=check_job_name(job_name),
+        code_uri=code.uri,
+        features_uri=source,
+        output_uri=output_uri or where["model"],
+    )
+    return _plan("CreateTrainingJob", request, [code, *uploads], target)
+
+
+def plan_scoring(
+    settings: Settings,
+    *,
+    job_name: str,
+    model_uri: str,
+    input_uri: str | None = None,
+    output_uri: str | None = None,
+    strict: bool = False,
+    bundle: SourceBundle | None = None,
+) -> JobPlan:
+    """The batch-scoring Processing job for a ``model.tar.gz`` (or detector prefix)."""
+    target = resolve_target(settings, strict=strict)
+    where = locations(settings, target)
+    code = code_upload(settings, target, bundle or build_source_bundle())
+    source, uploads = _sources(settings, target, input_uri, "features")
+    output = output_uri or where["scores"]
+    request = score_request(
+        settings,
+        target,
+        job_name=check_job_name(job_name),
+        code_uri=code.uri.rsplit("/", 1)[0] + "/",
+        features_uri=source,
+        model_uri=model_uri,
+        output_uri=output,
+    )
+    return _plan("CreateProcessingJob", request, [code, *uploads], target, (output,))
+
+
+def model_artifact_uri(settings: Settings, training_job_name: str) -> str:
+    """Where a training job planned here leaves its model (no AWS call)."""
+    target = resolve_target(settings, strict=False)
+    model = locations(settings, target)["model"]
+    return f"{model}{training_job_name}/output/{contract.MODEL_ARCHIVE}"

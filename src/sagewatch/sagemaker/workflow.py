@@ -1,0 +1,309 @@
+"""A SageMaker Pipeline of the stages: features -> train -> score -> evaluate.
+
+The definition (schema version 2020-12-01) is plain JSON built from the same
+request builders as the single jobs (:mod:`.jobs`); values that vary per execution
+are pipeline expressions:
+
+* parameters ``InputDataUri``, ``Epochs``, ``ProcessingInstanceType``,
+  ``ProcessingInstanceCount`` and ``TrainingInstanceType``, with the settings as
+  defaults;
+* each step's outputs go to ``<base>/pipeline/<execution id>/<stage>/``, so
+  executions never mix files;
+* later steps read earlier steps' outputs through step properties
+  (``Steps.Features.ProcessingOutputConfig.Outputs['features'].S3Output.S3Uri``,
+  ``Steps.Train.ModelArtifacts.S3ModelArtifacts``), which also orders the steps.
+
+The definition is deterministic: the same settings and code give byte-identical
+JSON (the code archive is named by its content hash, nothing carries a time). Step
+caching (``cache_expire_after``) therefore reuses a step whose image, arguments,
+inputs and code are unchanged; output locations are not part of SageMaker's cache
+key, so the per-execution output prefix does not defeat it.
+
+Notes:
+    The image is chosen for the default instance types. Choosing a GPU instance
+    type at execution time needs a GPU image in ``image_uri``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from sagewatch.config import Settings
+from sagewatch.errors import ConfigError
+from sagewatch.sagemaker import contract
+from sagewatch.sagemaker.bundle import SourceBundle, build_source_bundle
+from sagewatch.sagemaker.jobs import (
+    evaluate_request,
+    features_request,
+    score_request,
+    training_request,
+)
+from sagewatch.sagemaker.plans import Upload, code_upload, input_upload
+from sagewatch.sagemaker.target import Target, locations, resolve_target
+from sagewatch.sagemaker.validation import validate_request
+
+SCHEMA_VERSION = "2020-12-01"
+STEPS = ("Features", "Train", "Score", "Evaluate")
+_OPERATIONS = {"Processing": "CreateProcessingJob", "Training": "CreateTrainingJob"}
+
+
+def _get(path: str) -> dict[str, str]:
+    return {"Get": path}
+
+
+def _param(name: str) -> dict[str, str]:
+    return _get(f"Parameters.{name}")
+
+
+def _join(on: str, values: list[Any]) -> dict[str, Any]:
+    return {"Std:Join": {"On": on, "Values": values}}
+
+
+def _processing_output(step: str, output: str) -> dict[str, str]:
+    return _get(
+        f"Steps.{step}.ProcessingOutputConfig.Outputs['{output}'].S3Output.S3Uri"
+    )
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """The pipeline definition, the CreatePipeline request and the uploads."""
+
+    definition: dict[str, Any]
+    request: dict[str, Any]
+    uploads: tuple[Upload, ...]
+    placeholders: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return str(self.request["PipelineName"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """For reading: the definition appears as an object, not as JSON text."""
+        text = self.request["PipelineDefinition"]
+        return {
+            "uploads": [u.describe() for u in self.uploads],
+            "placeholders": list(self.placeholders),
+            "requests": [
+                {
+                    "operation": "CreatePipeline (UpdatePipeline when it exists)",
+                    "request": {**self.request, "PipelineDefinition": self.definition},
+                    "definition_sha256": hashlib.sha256(text.encode()).hexdigest(),
+                },
+                {
+                    "operation": "StartPipelineExecution",
+                    "request": {"PipelineName": self.name},
+                },
+            ],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+
+def pipeline_definition(
+    settings: Settings, target: Target, *, code: Upload, input_uri: str
+) -> dict[str, Any]:
+    """The definition object; :func:`definition_text` is what is sent."""
+    sm = settings.sagemaker
+    code_dir = code.uri.rsplit("/", 1)[0] + "/"
+    executions = f"{locations(settings, target)['pipeline']}"
+
+    def output(stage: str) -> dict[str, Any]:
+        return _join(
+            "/", [executions, _get("Execution.PipelineExecutionId"), f"{stage}/"]
+        )
+
+    processing = {
+        "instance_type": _param("ProcessingInstanceType"),
+        "instance_count": _param("ProcessingInstanceCount"),
+    }
+    arguments = {
+        "Features": features_request(
+            settings,
+            target,
+            job_name=None,
+            code_uri=code_dir,
+            input_uri=_param("InputDataUri"),
+            output_uri=output("features"),
+            **processing,
+        ),
+        "Train": training_request(
+            settings,
+            target,
+            job_name=None,
+            code_uri=code.uri,
+            features_uri=_processing_output("Features", "features"),
+            output_uri=output("model"),
+            instance_type=_param("TrainingInstanceType"),
+            epochs=_join("", [_param("Epochs")]),
+        ),
+        "Score": score_request(
+            settings,
+            target,
+            job_name=None,
+            code_uri=code_dir,
+            features_uri=_processing_output("Features", "features"),
+            model_uri=_get("Steps.Train.ModelArtifacts.S3ModelArtifacts"),
+            output_uri=output("scores"),
+            **processing,
+        ),
+        "Evaluate": evaluate_request(
+            settings,
+            target,
+            job_name=None,
+            code_uri=code_dir,
+            scores_uri=_processing_output("Score", "scores"),
+            output_uri=output("evaluation"),
+            instance_type=_param("ProcessingInstanceType"),
+        ),
+    }
+    steps = []
+    for name in STEPS:
+        step: dict[str, Any] = {
+            "Name": name,
+            "Type": "Training" if name == "Train" else "Processing",
+            "Arguments": arguments[name],
+        }
+        if sm.cache_expire_after:
+            step["CacheConfig"] = {
+                "Enabled": True,
+                "ExpireAfter": sm.cache_expire_after,
+            }
+        steps.append(step)
+    return {
+        "Version": SCHEMA_VERSION,
+        "Metadata": {},
+        "Parameters": [
+            {"Name": "InputDataUri", "Type": "String", "DefaultValue": input_uri},
+            {
+                "Name": "Epochs",
+                "Type": "Integer",
+                "DefaultValue": settings.model.epochs,
+            },
+            {
+                "Name": "ProcessingInstanceType",
+                "Type": "String",
+                "DefaultValue": sm.processing_instance_type,
+            },
+            {
+                "Name": "ProcessingInstanceCount",
+                "Type": "Integer",
+                "DefaultValue": sm.processing_instance_count,
+            },
+            {
+                "Name": "TrainingInstanceType",
+                "Type": "String",
+                "DefaultValue": sm.training_instance_type,
+            },
+        ],
+        "Steps": steps,
+    }
+
+
+def definition_text(definition: dict[str, Any]) -> str:
+    """The exact JSON text sent as ``PipelineDefinition``."""
+    return json.dumps(definition, indent=2)
+
+
+def plan_pipeline(
+    settings: Settings,
+    *,
+    input_uri: str | None = None,
+    strict: bool = False,
+    bundle: SourceBundle | None = None,
+) -> PipelinePlan:
+    """The pipeline and its uploads; every step's request is validated offline.
+
+    Raises:
+        ConfigError: a step request botocore or SageMaker would refuse, or (with
+            ``strict``) a missing role, bucket or image.
+    """
+    target = resolve_target(settings, strict=strict)
+    code = code_upload(settings, target, bundle or build_source_bundle())
+    uploads = [code]
+    if input_uri is None:
+        input_uri = locations(settings, target)["raw"]
+    elif not input_uri.startswith("s3://"):
+        raw = input_upload(settings, target, input_uri)
+        uploads.append(raw)
+        input_uri = raw.uri
+    definition = pipeline_definition(settings, target, code=code, input_uri=input_uri)
+    for operation, request in step_requests(definition):
+        validate_request(operation, request)
+    sm = settings.sagemaker
+    request = {
+        "PipelineName": sm.pipeline_name,
+        "PipelineDisplayName": sm.pipeline_name,
+        "PipelineDefinition": definition_text(definition),
+        "PipelineDescription": "sagewatch: features, train, score, evaluate",
+        "RoleArn": target.role,
+    }
+    validate_request("CreatePipeline", request)
+    return PipelinePlan(definition, request, tuple(uploads), target.placeholders)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def step_requests(definition: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Each step as the job request SageMaker will make from it.
+
+    Parameters take their defaults, the execution id a fixed stand-in, and step
+    properties the value the referenced (earlier) step will produce, so every step
+    can be validated like a single job.
+
+    Raises:
+        ConfigError: a reference to an unknown parameter, a later or unknown step,
+            or an output the step does not have.
+    """
+    defaults = {p["Name"]: p["DefaultValue"] for p in definition["Parameters"]}
+    resolved: dict[str, dict[str, Any]] = {}
+    out = []
+    for step in definition["Steps"]:
+        args = _resolve(step["Arguments"], defaults, resolved, step["Name"])
+        resolved[step["Name"]] = args
+        operation = _OPERATIONS[step["Type"]]
+        key = "ProcessingJobName" if step["Type"] == "Processing" else "TrainingJobName"
+        out.append((operation, {key: f"pipelines-stand-in-{step['Name']}", **args}))
+    return out
+
+
+_OUTPUT_REF = re.compile(
+    r"Steps\.(\w+)\.ProcessingOutputConfig\.Outputs\['(\w+)'\]\.S3Output\.S3Uri"
+)
+_MODEL_REF = re.compile(r"Steps\.(\w+)\.ModelArtifacts\.S3ModelArtifacts")
+
+
+def _resolve(value: Any, defaults: dict[str, Any], steps: dict, where: str) -> Any:
+    if isinstance(value, list):
+        return [_resolve(v, defaults, steps, where) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {"Get"}:
+        return _lookup(value["Get"], defaults, steps, where)
+    if set(value) == {"Std:Join"}:
+        join = value["Std:Join"]
+        parts = _resolve(join["Values"], defaults, steps, where)
+        return join["On"].join(str(p) for p in parts)
+    return {k: _resolve(v, defaults, steps, where) for k, v in value.items()}
+
+
+def _lookup(path: str, defaults: dict[str, Any], steps: dict, where: str) -> Any:
+    if path.startswith("Parameters.") and path[11:] in defaults:
+        return defaults[path[11:]]
+    if path == "Execution.PipelineExecutionId":
+        return "stand-in-execution-id"
+    if m := _OUTPUT_REF.fullmatch(path):
+        outputs = steps.get(m[1], {}).get("ProcessingOutputConfig", {})
+        for item in outputs.get("Outputs", []):
+            if item["OutputName"] == m[2]:
+                return item["S3Output"]["S3Uri"]
+    if (m := _MODEL_REF.fullmatch(path)) and m[1] in steps:
+        base = steps[m[1]]["OutputDataConfig"]["S3OutputPath"].rstrip("/")
+        return f"{base}/stand-in-job/output/{contract.MODEL_ARCHIVE}"
+    raise ConfigError(f"pipeline step {where}: cannot resolve {path!r}")

@@ -1,0 +1,110 @@
+"""The command line: stage commands, summary, exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+from click.testing import CliRunner
+
+from sagewatch.cli import main
+
+SMALL = ["--n-samples", "300", "--n-machines", "2", "--epochs", "3"]
+
+
+def _invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+def test_python_dash_m_shows_every_command() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "sagewatch", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for command in ("run", "generate", "features", "train", "score", "evaluate"):
+        assert f"  {command} " in out
+
+
+def test_run_prints_a_summary_with_metrics(tmp_path: Path) -> None:
+    code, out = _invoke("-q", "run", "--data-dir", str(tmp_path), *SMALL)
+    assert code == 0, out
+    for needle in (
+        "features",
+        "train",
+        "score",
+        "threshold",
+        "flagged",
+        "f1",
+        "pr_auc",
+    ):
+        assert needle in out
+    assert str(tmp_path / "run_manifest.json") in out
+
+
+def test_stages_one_by_one_write_their_outputs(tmp_path: Path) -> None:
+    raw, feats = tmp_path / "raw", tmp_path / "features"
+    model, scores, ev = tmp_path / "model", tmp_path / "scores", tmp_path / "ev"
+    steps = [
+        ("generate", "--output-dir", str(raw), *SMALL[:4]),
+        ("features", "--input", str(raw), "--output-dir", str(feats)),
+        ("train", "--input", str(feats), "--model-dir", str(model), "--epochs", "3"),
+        (
+            "score",
+            "--input",
+            str(feats),
+            "--model-dir",
+            str(model),
+            "--output-dir",
+            str(scores),
+        ),
+        (
+            "evaluate",
+            "--input",
+            str(scores / "anomaly_scores.csv"),
+            "--output-dir",
+            str(ev),
+            "--top-n",
+            "5",
+            "--percentiles",
+            "50,99.9",
+        ),
+    ]
+    for step in steps:
+        code, out = _invoke("-q", *step)
+        assert code == 0, (step, out)
+    table = pl.read_csv(scores / "anomaly_scores.csv")
+    assert table.height == 600
+    report = json.loads((ev / "evaluation_report.json").read_text())
+    assert len(report["top_anomalies"]) == 5
+    assert set(report["score_statistics"]["percentiles"]) == {"p50", "p99.9"}
+    top = report["top_anomalies"][0]["anomaly_score"]
+    assert top == table.filter(pl.col("in_reference") == 0)["anomaly_score"].max()
+
+
+def test_missing_input_exits_non_zero_without_traceback(tmp_path: Path) -> None:
+    code, out = _invoke(
+        "run", "--input", str(tmp_path / "nope.csv"), "--data-dir", str(tmp_path)
+    )
+    assert code != 0
+    assert "nope.csv" in out
+    assert "Traceback" not in out
+
+
+def test_bad_setting_names_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  epochs: lots\n")
+    code, out = _invoke("run", "--config", str(bad), "--data-dir", str(tmp_path))
+    assert code == 2
+    assert "model.epochs" in out
+
+
+def test_bad_percentiles_are_refused(tmp_path: Path) -> None:
+    code, out = _invoke("evaluate", "--input", "x.csv", "--percentiles", "50,high")
+    assert code == 2
+    assert "--percentiles" in out

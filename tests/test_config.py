@@ -1,0 +1,132 @@
+"""Settings: file < environment < flags, strict keys and types."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sagewatch.config import ENV_VARS, Settings, known_keys, load_settings
+from sagewatch.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_config_yaml_documents_every_default() -> None:
+    from_file = load_settings(ROOT / "config.yaml", environ={})
+    assert from_file == Settings()
+    text = (ROOT / "config.yaml").read_text()
+    missing = [key for key in known_keys() if f"{key}:" not in text]
+    assert missing == []
+
+
+def test_precedence_file_then_env_then_flags(tmp_path: Path) -> None:
+    path = _yaml(
+        tmp_path,
+        "model:\n  epochs: 7\n  batch_size: 64\nfeatures:\n  rolling_window: 5\n",
+    )
+    env = {"EPOCHS": "9", "ROLLING_WINDOW": "6"}
+
+    settings = load_settings(path, environ=env, overrides={"epochs": 11})
+
+    assert settings.model.epochs == 11  # flag beats env
+    assert settings.features.rolling_window == 6  # env beats file
+    assert settings.model.batch_size == 64  # file beats default
+
+
+def test_every_documented_env_var_lands_on_its_setting() -> None:
+    values = {
+        "RAW_DATA_PREFIX": "r",
+        "FEATURES_PREFIX": "f",
+        "MODEL_PREFIX": "m",
+        "SCORES_PREFIX": "s",
+        "ROLLING_WINDOW": "4",
+        "EPOCHS": "3",
+        "BATCH_SIZE": "32",
+        "ENCODING_DIM": "2",
+        "SAGEMAKER_ROLE": "arn:aws:iam::000000000000:role/example",
+        "SAGEMAKER_BUCKET": "a-bucket",
+        "SAGEMAKER_REGION": "eu-west-1",
+        "SAGEMAKER_IMAGE_URI": "example.invalid/pytorch:2.5",
+    }
+    assert set(values) == set(ENV_VARS)
+
+    flat = load_settings(None, environ=values).flat()
+
+    assert {ENV_VARS[k]: flat[ENV_VARS[k]] for k in values} == {
+        "raw_data_prefix": "r",
+        "features_prefix": "f",
+        "model_prefix": "m",
+        "scores_prefix": "s",
+        "rolling_window": 4,
+        "epochs": 3,
+        "batch_size": 32,
+        "encoding_dim": 2,
+        "role": "arn:aws:iam::000000000000:role/example",
+        "bucket": "a-bucket",
+        "region": "eu-west-1",
+        "image_uri": "example.invalid/pytorch:2.5",
+    }
+
+
+def test_unknown_key_in_file_is_refused_with_its_name(tmp_path: Path) -> None:
+    path = _yaml(tmp_path, "model:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match=r"model\.epochz"):
+        load_settings(path, environ={})
+
+
+def test_unknown_section_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="modle"):
+        load_settings(_yaml(tmp_path, "modle:\n  epochs: 3\n"), environ={})
+
+
+def test_wrong_type_from_env_names_the_setting() -> None:
+    with pytest.raises(ConfigError, match=r"model\.epochs.*'three'"):
+        load_settings(None, environ={"EPOCHS": "three"})
+
+
+def test_unknown_override_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown setting 'epoch'"):
+        Settings().with_overrides({"epoch": "3"})
+
+
+def test_string_overrides_parse_to_declared_types() -> None:
+    settings = Settings().with_overrides(
+        {
+            "hidden_dims": "[16, 8]",
+            "learning_rate": "1e-3",
+            "drop_duplicate_rows": "false",
+            "train_rows": "400",
+            "label_column": "none",
+            "timestamp_column": "123",
+        }
+    )
+    assert settings.model.hidden_dims == [16, 8]
+    assert settings.model.learning_rate == 0.001
+    assert settings.quality.drop_duplicate_rows is False
+    assert settings.reference.train_rows == 400
+    assert settings.data.label_column is None
+    assert settings.data.timestamp_column == "123"  # a string setting stays a string
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(Exception, match="frozen"):
+        settings.model.epochs = 3  # type: ignore[misc]
+
+
+def test_invalid_yaml_names_the_file(tmp_path: Path) -> None:
+    path = _yaml(tmp_path, "model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(path, environ={})
+
+
+def test_out_of_range_value_is_refused() -> None:
+    with pytest.raises(ConfigError, match="rolling_window"):
+        Settings().with_overrides({"rolling_window": 1})

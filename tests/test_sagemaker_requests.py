@@ -1,0 +1,334 @@
+"""SageMaker requests, built offline: valid for botocore, deterministic, round-trip.
+
+No AWS and no network: botocore's bundled service model is the reference.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import tomllib
+from datetime import datetime
+from pathlib import Path
+
+import botocore.session
+import pytest
+from botocore.validate import validate_parameters
+from click.testing import CliRunner
+
+from sagewatch.cli import main
+from sagewatch.config import Settings
+from sagewatch.errors import ConfigError
+from sagewatch.sagemaker import bundle as bundle_mod
+from sagewatch.sagemaker import contract, jobs, plans, workflow
+from sagewatch.sagemaker.entrypoints import parse_setting_args, resolve_settings
+from sagewatch.sagemaker.validation import validate_request
+
+ROOT = Path(__file__).resolve().parents[1]
+ROLE = "arn:aws:iam::123456789012:role/sagewatch-test"
+IMAGE = "registry.example/pytorch-training:2.5-cpu-py311"
+
+
+@pytest.fixture(scope="module")
+def bundle() -> bundle_mod.SourceBundle:
+    return bundle_mod.build_source_bundle()
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings().with_overrides(
+        {"role": ROLE, "bucket": "sagewatch-bucket", "image_uri": IMAGE, "epochs": 2}
+    )
+
+
+def _botocore_validate(operation: str, request: dict) -> None:
+    """Validate with botocore alone, as boto3 does before sending."""
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    validate_parameters(request, model.operation_model(operation).input_shape)
+
+
+def _all_plans(settings: Settings, bundle) -> list[plans.JobPlan]:
+    return [
+        plans.plan_features(settings, job_name="f-1", bundle=bundle),
+        plans.plan_training(settings, job_name="t-1", bundle=bundle),
+        plans.plan_scoring(
+            settings,
+            job_name="s-1",
+            model_uri=plans.model_artifact_uri(settings, "t-1"),
+            bundle=bundle,
+        ),
+    ]
+
+
+# ----------------------------------------------------------------------------- valid
+
+
+def test_every_job_request_passes_botocore_validation(settings, bundle) -> None:
+    for plan in _all_plans(settings, bundle):
+        _botocore_validate(plan.operation, plan.request)
+        assert plan.placeholders == ()
+
+
+def test_every_pipeline_step_passes_botocore_validation(settings, bundle) -> None:
+    pipeline = workflow.plan_pipeline(settings, bundle=bundle)
+    steps = workflow.step_requests(pipeline.definition)
+    assert [op for op, _ in steps] == [
+        "CreateProcessingJob",
+        "CreateTrainingJob",
+        "CreateProcessingJob",
+        "CreateProcessingJob",
+    ]
+    for operation, request in steps:
+        _botocore_validate(operation, request)
+    create = {**pipeline.request, "ClientRequestToken": "t" * 32}
+    _botocore_validate("CreatePipeline", create)
+
+
+def test_validation_refuses_what_botocore_and_sagemaker_refuse(settings, bundle):
+    request = plans.plan_features(settings, job_name="f-1", bundle=bundle).request
+    cluster = request["ProcessingResources"]["ClusterConfig"]
+    with pytest.raises(ConfigError, match="InstanceCount"):
+        validate_request(
+            "CreateProcessingJob",
+            {
+                **request,
+                "ProcessingResources": {
+                    "ClusterConfig": {**cluster, "InstanceCount": "1"}
+                },
+            },
+        )
+    # botocore skips maxima, patterns and enums; SageMaker would refuse these.
+    app = {**request["AppSpecification"], "ContainerArguments": ["x" * 257]}
+    with pytest.raises(ConfigError, match="257 characters, at most 256"):
+        validate_request("CreateProcessingJob", {**request, "AppSpecification": app})
+    with pytest.raises(ConfigError, match="RoleArn"):
+        validate_request("CreateProcessingJob", {**request, "RoleArn": "x" * 25})
+    with pytest.raises(ConfigError, match="job name 'bad_name'"):
+        plans.plan_features(settings, job_name="bad_name", bundle=bundle)
+
+
+def test_container_entrypoint_fits_sagemaker_limits() -> None:
+    assert all(len(item) <= 256 for item in jobs.PROCESSING_ENTRYPOINT)
+
+
+# ------------------------------------------------------------------ deterministic
+
+
+def test_two_builds_are_byte_identical(settings) -> None:
+    first, second = bundle_mod.build_source_bundle(), bundle_mod.build_source_bundle()
+    assert first.data == second.data
+    assert first.sha256 == second.sha256
+    for a, b in zip(
+        _all_plans(settings, first), _all_plans(settings, second), strict=True
+    ):
+        assert a.to_json() == b.to_json()
+    assert (
+        workflow.plan_pipeline(settings, bundle=first).request
+        == workflow.plan_pipeline(settings, bundle=second).request
+    )
+    assert (
+        workflow.plan_pipeline(settings, bundle=first).to_json()
+        == workflow.plan_pipeline(settings, bundle=second).to_json()
+    )
+
+
+def test_source_bundle_content_and_key_follow_the_code(tmp_path: Path) -> None:
+    package = tmp_path / "sagewatch"
+    shutil.copytree(bundle_mod.package_root(), package)
+    original = bundle_mod.build_source_bundle(package)
+    assert original.key.startswith(f"code/{original.sha256[:16]}/")
+    with tarfile.open(fileobj=io.BytesIO(original.data), mode="r:gz") as tar:
+        members = tar.getmembers()
+        names = [m.name for m in members]
+        assert all(m.mtime == 0 and m.uid == 0 and m.uname == "" for m in members)
+        requirements = tar.extractfile("requirements.txt").read().decode()
+    assert "sagewatch/sagemaker/entrypoints.py" in names
+    assert contract.TRAIN_PROGRAM in names
+    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+    assert "torch" not in requirements
+    (package / "features.py").write_text("# changed\n", encoding="utf-8")
+    assert bundle_mod.build_source_bundle(package).sha256 != original.sha256
+
+
+def test_container_requirements_are_pyproject_dependencies_without_torch() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    declared = [d for d in pyproject["project"]["dependencies"] if "torch" not in d]
+    assert sorted(bundle_mod.REQUIREMENTS) == sorted(declared)
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def test_hyperparameters_round_trip_through_the_toolkit_decoding(bundle) -> None:
+    settings = Settings().with_overrides(
+        {
+            "hidden_dims": [16, 8],
+            "learning_rate": 1e-3,
+            "detector": "pca",
+            "train_until": datetime(2024, 1, 2, 3, 4, 5),
+            "statistics": ["value", "mean"],
+        }
+    )
+    hps = jobs.training_hyperparameters(settings, "s3://b/code/x/sourcedir.tar.gz")
+    assert all(isinstance(v, str) for v in hps.values())
+    assert hps["sagemaker_program"] == json.dumps(contract.TRAIN_PROGRAM)
+    assert hps["hidden_dims"] == "[16, 8]"
+    assert hps["train_rows"] == "null"
+
+    def toolkit_decode(value: str):  # what sagemaker-training does to each value
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+
+    decoded = {
+        k: toolkit_decode(v) for k, v in hps.items() if not k.startswith("sagemaker_")
+    }
+    again = resolve_settings(None, decoded)
+    for section in ("features", "reference", "model"):
+        assert getattr(again, section) == getattr(settings, section)
+
+
+def test_stage_arguments_carry_exactly_the_non_default_settings() -> None:
+    settings = Settings().with_overrides(
+        {"rolling_window": 6, "label_column": None, "sep": ";", "max_fill_gap": 0}
+    )
+    args = jobs.stage_arguments(settings, "features")
+    assert args == [
+        "features",
+        "--set",
+        "label_column=null",
+        "--set",
+        'sep=";"',
+        "--set",
+        "max_fill_gap=0",
+        "--set",
+        "rolling_window=6",
+    ]
+    values = parse_setting_args(args[2::2])
+    again = resolve_settings(None, values)
+    assert again.data == settings.data
+    assert again.quality == settings.quality
+    assert again.features == settings.features
+    assert jobs.stage_arguments(settings, "score") == ["score"]
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def test_pipeline_definition_wires_steps_through_properties(settings, bundle) -> None:
+    plan = workflow.plan_pipeline(settings, bundle=bundle)
+    definition = json.loads(plan.request["PipelineDefinition"])
+    assert definition == plan.definition
+    assert definition["Version"] == "2020-12-01"
+    steps = {s["Name"]: s for s in definition["Steps"]}
+    assert list(steps) == ["Features", "Train", "Score", "Evaluate"]
+    train = steps["Train"]["Arguments"]
+    channel = train["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"]
+    features = "Steps.Features.ProcessingOutputConfig.Outputs['features']"
+    assert channel == {"Get": f"{features}.S3Output.S3Uri"}
+    assert train["HyperParameters"]["epochs"] == {
+        "Std:Join": {"On": "", "Values": [{"Get": "Parameters.Epochs"}]}
+    }
+    score_inputs = {
+        i["InputName"]: i["S3Input"]["S3Uri"]
+        for i in steps["Score"]["Arguments"]["ProcessingInputs"]
+    }
+    assert score_inputs["model"] == {
+        "Get": "Steps.Train.ModelArtifacts.S3ModelArtifacts"
+    }
+    assert all(s["CacheConfig"]["ExpireAfter"] == "P30D" for s in steps.values())
+    params = {p["Name"]: p["DefaultValue"] for p in definition["Parameters"]}
+    assert params["Epochs"] == 2
+    assert params["InputDataUri"] == "s3://sagewatch-bucket/sagewatch/raw/"
+    resolved = dict(workflow.step_requests(definition)[2][1]["ProcessingInputs"][1])
+    assert resolved["S3Input"]["S3Uri"] == (
+        "s3://sagewatch-bucket/sagewatch/pipeline/stand-in-execution-id/model/"
+        "stand-in-job/output/model.tar.gz"
+    )
+
+
+def test_pipeline_reference_to_a_missing_output_is_refused(settings, bundle) -> None:
+    definition = workflow.plan_pipeline(settings, bundle=bundle).definition
+    text = json.dumps(definition).replace("Outputs['scores']", "Outputs['score']")
+    with pytest.raises(ConfigError, match=r"Evaluate: cannot resolve"):
+        workflow.step_requests(json.loads(text))
+
+
+# ----------------------------------------------------------------------------- target
+
+
+def test_missing_account_settings_become_placeholders_or_errors(bundle) -> None:
+    bare = Settings()
+    plan = plans.plan_features(bare, job_name="f-1", bundle=bundle)
+    assert set(plan.placeholders) == {"role", "bucket", "image_uri"}
+    assert plan.request["RoleArn"].endswith("${SAGEMAKER_ROLE}")
+    with pytest.raises(ConfigError, match=r"SAGEMAKER_ROLE.*SAGEMAKER_BUCKET"):
+        plans.plan_features(bare, job_name="f-1", strict=True, bundle=bundle)
+
+
+def test_distributed_training_is_refused(settings, bundle) -> None:
+    many = settings.with_overrides({"training_instance_count": 2})
+    with pytest.raises(ConfigError, match="training_instance_count=2"):
+        plans.plan_training(many, job_name="t-1", bundle=bundle)
+
+
+def test_spot_training_sets_a_wait_limit(settings, bundle) -> None:
+    spot = settings.with_overrides({"spot_training": True})
+    request = plans.plan_training(spot, job_name="t-1", bundle=bundle).request
+    assert request["EnableManagedSpotTraining"] is True
+    assert request["StoppingCondition"] == {
+        "MaxRuntimeInSeconds": 3600,
+        "MaxWaitTimeInSeconds": 7200,
+    }
+
+
+# ----------------------------------------------------------------------------- cli
+
+
+def test_cli_pipeline_plan_prints_the_definition(monkeypatch) -> None:
+    monkeypatch.setenv("SAGEMAKER_ROLE", ROLE)
+    monkeypatch.setenv("SAGEMAKER_BUCKET", "sagewatch-bucket")
+    monkeypatch.setenv("SAGEMAKER_IMAGE_URI", IMAGE)
+    result = CliRunner().invoke(
+        main, ["sagemaker", "pipeline", "--plan", "--epochs", "3"]
+    )
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    create = plan["requests"][0]["request"]
+    assert create["RoleArn"] == ROLE
+    assert [s["Name"] for s in create["PipelineDefinition"]["Steps"]] == list(
+        workflow.STEPS
+    )
+    epochs = [
+        p for p in create["PipelineDefinition"]["Parameters"] if p["Name"] == "Epochs"
+    ]
+    assert epochs[0]["DefaultValue"] == 3
+    assert plan["placeholders"] == []
+
+
+def test_cli_help_imports_no_aws_code() -> None:
+    code = (
+        "import sys\n"
+        "from sagewatch.cli import main\n"
+        "for args in (['--help'], ['sagemaker', '--help']):\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = [m for m in ('boto3', 'botocore', 'torch', 'sagewatch.sagemaker.jobs')"
+        " if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
+    )
+    assert "HEAVY []" in done.stdout, done.stdout + done.stderr
