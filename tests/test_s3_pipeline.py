@@ -143,6 +143,12 @@ def test_single_stages_read_and_write_s3(
         + ["model/detector.json", "model/weights.pt"]
         + ["scores/anomaly_scores.csv", "scores/anomaly_scores.parquet"]
         + ["evaluation/evaluation_report.json", "evaluation/evaluation_report.html"]
+        + [
+            "features/features_manifest.json",
+            "model/train_manifest.json",
+            "scores/score_manifest.json",
+            "evaluation/evaluate_manifest.json",
+        ]
     )
     report = storage.read_json(f"{base}/evaluation/evaluation_report.json")
     assert report["rows"] == 600

@@ -360,12 +360,12 @@ def score_cmd(
     from sagewatch.pipeline import stage_score
 
     settings = _settings(config)
-    scores, record = stage_score(
+    _, record = stage_score(
         settings, input_uri, model_dir, output_dir, progress=_progress()
     )
     _stage_manifest(settings, record, output_dir)
     click.echo(
-        f"scored {scores.height} rows, {record.details['flagged']} flagged; "
+        f"scored {record.rows_out} rows, {record.details['flagged']} flagged; "
         f"wrote {record.outputs[0]['uri']}"
     )
 

@@ -15,20 +15,21 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from sagewatch import __version__, storage
+from sagewatch import __version__, storage, streaming
 from sagewatch.config import Settings
-from sagewatch.detector import Detector
 from sagewatch.errors import InputError
 from sagewatch.evaluation import write_report
 from sagewatch.features import build_features, feature_names, sensors_of
 from sagewatch.schema import ENTITY, TIMESTAMP, Dataset, load_raw
-from sagewatch.scoring import SCORE_COLUMNS, score_features
+from sagewatch.scoring import SCORE_COLUMNS
 from sagewatch.synthetic import generate
-from sagewatch.training import fit_detector
+
+if TYPE_CHECKING:  # torch loads only for the stages that need it
+    from sagewatch.detector import Detector
 
 log = logging.getLogger(__name__)
 
@@ -113,32 +114,59 @@ def stage_features(
     output_dir: str,
     *,
     dataset: Dataset | None = None,
-) -> tuple[pl.DataFrame, StageRecord]:
-    """Validate raw input and write its rolling features to ``output_dir``."""
+    progress: bool = False,
+    chunk_rows: int = streaming.CHUNK_ROWS,
+) -> tuple[pl.DataFrame | str, StageRecord]:
+    """Validate raw input and write its rolling features to ``output_dir``.
+
+    Input read from a URI streams in chunks of ``chunk_rows`` rows when
+    :func:`sagewatch.streaming.stream_features` can give exactly the in-memory
+    result, and the features then come back as the URI of ``output_dir``;
+    otherwise (and for a ``dataset`` already in memory) they come back as a table.
+    """
     with _Timer() as timer, storage.track_reads() as reads:
-        data = dataset or load_raw(
-            input_uri,
-            settings.data,
-            settings.quality,
-            rolling_window=settings.features.rolling_window,
-        )
-        features = build_features(
-            data.frame, data.sensors, settings.features, data.passthrough
-        )
-        infos = storage.write_partitioned(
-            features, output_dir, by=ENTITY, stem=FEATURES_STEM
-        )
+        streamed = None
+        if dataset is None:
+            streamed = streaming.stream_features(
+                settings,
+                input_uri,
+                output_dir,
+                chunk_rows=chunk_rows,
+                progress=progress,
+            )
+        if streamed is not None:
+            out: pl.DataFrame | str = output_dir
+            quality, sensors = streamed.quality, streamed.sensors
+            infos, rows_out = streamed.outputs, streamed.rows_out
+            inputs = [f.as_dict() for f in streamed.inputs]
+        else:
+            data = dataset or load_raw(
+                input_uri,
+                settings.data,
+                settings.quality,
+                rolling_window=settings.features.rolling_window,
+            )
+            out = build_features(
+                data.frame, data.sensors, settings.features, data.passthrough
+            )
+            infos = storage.write_partitioned(
+                out, output_dir, by=ENTITY, stem=FEATURES_STEM
+            )
+            quality, sensors, rows_out = data.quality, data.sensors, out.height
+            inputs = (
+                _as_dicts(reads) if dataset is None else _describe_inputs(input_uri)
+            )
     record = StageRecord(
         "features",
-        inputs=_as_dicts(reads) if dataset is None else _describe_inputs(input_uri),
+        inputs=inputs,
         outputs=[i.as_dict() for i in infos],
-        rows_in=data.quality["rows_in"],
-        rows_out=features.height,
-        dropped=data.quality["dropped"],
+        rows_in=quality["rows_in"],
+        rows_out=rows_out,
+        dropped=quality["dropped"],
         seconds=timer.seconds,
-        details={"sensors": data.sensors, "quality": data.quality},
+        details={"sensors": sensors, "quality": quality},
     )
-    return features, record
+    return out, record
 
 
 def stage_train(
@@ -149,6 +177,8 @@ def stage_train(
     progress: bool = False,
 ) -> tuple[Detector, StageRecord]:
     """Fit a detector on the reference period and save it to ``model_dir``."""
+    from sagewatch.training import fit_detector
+
     with _Timer() as timer, storage.track_reads() as reads:
         source = features if isinstance(features, str) else "features"
         if isinstance(features, str):
@@ -198,31 +228,57 @@ def stage_score(
     output_dir: str,
     *,
     progress: bool = False,
-) -> tuple[pl.DataFrame, StageRecord]:
-    """Score a features table and write ``anomaly_scores.csv`` and ``.parquet``."""
+    chunk_rows: int = streaming.CHUNK_ROWS,
+) -> tuple[pl.DataFrame | str, StageRecord]:
+    """Score a features table and write ``anomaly_scores.csv`` and ``.parquet``.
+
+    Features at a URI stream in chunks of ``chunk_rows`` rows, and the scores come
+    back as the URI of the Parquet file; a table in memory gives a table.
+    """
+    from sagewatch.detector import Detector
+    from sagewatch.scoring import score_features
+
     with _Timer() as timer:
         with storage.track_reads() as reads:
             if isinstance(detector, str):
                 detector = Detector.load(detector)
-            source = features if isinstance(features, str) else "features"
-            if isinstance(features, str):
-                features = read_features(features)
-        scores = score_features(features, detector, source=source, progress=progress)
-        written = [
-            storage.write_table(scores, storage.join(output_dir, SCORES_CSV)),
-            storage.write_table(scores, storage.join(output_dir, SCORES_PARQUET)),
-        ]
+        inputs = _as_dicts(reads)
+        scores: pl.DataFrame | str | None = None
+        source = features if isinstance(features, str) else "features"
+        if isinstance(features, str):
+            result = streaming.stream_scores(
+                features,
+                detector,
+                output_dir,
+                (SCORES_CSV, SCORES_PARQUET),
+                chunk_rows=chunk_rows,
+                progress=progress,
+            )
+            if result is not None:
+                scores = storage.join(output_dir, SCORES_PARQUET)
+                written, rows, flagged = result.outputs, result.rows, result.flagged
+                inputs += [f.as_dict() for f in result.inputs]
+            else:
+                with storage.track_reads() as reads:
+                    features = read_features(features)
+                inputs += _as_dicts(reads)
+        if scores is None:
+            assert isinstance(features, pl.DataFrame)
+            table = score_features(features, detector, source=source, progress=progress)
+            written = [
+                storage.write_table(table, storage.join(output_dir, SCORES_CSV)),
+                storage.write_table(table, storage.join(output_dir, SCORES_PARQUET)),
+            ]
+            scores, rows = table, table.height
+            flagged = int(table["is_anomaly"].sum())
     record = StageRecord(
         "score",
-        inputs=_as_dicts(reads),
+        inputs=inputs,
         outputs=[w.as_dict() for w in written],
-        rows_in=features.height,
-        rows_out=scores.height,
+        rows_in=rows,
+        rows_out=rows,
         seconds=timer.seconds,
-        details={
-            "threshold": detector.threshold_,
-            "flagged": int(scores["is_anomaly"].sum()),
-        },
+        details={"threshold": detector.threshold_, "flagged": flagged},
     )
     return scores, record
 
@@ -321,7 +377,9 @@ def run(
     if input_uri is None:
         input_uri, record = stage_generate(settings, paths["raw"])
         stages.append(record)
-    features, features_record = stage_features(settings, input_uri, paths["features"])
+    features, features_record = stage_features(
+        settings, input_uri, paths["features"], progress=progress
+    )
     stages.append(features_record)
     detector, train_record = stage_train(
         settings, features, paths["model"], progress=progress

@@ -573,3 +573,18 @@ def write_partitioned(
         name = f"{stem}-{safe_name(str(value))}{suffix}"
         infos.append(write_table(part, join(uri, name)))
     return infos
+
+
+# ----------------------------------------------------------------------------- streams
+
+
+def staged(
+    uri: str, rows: Callable[[str], int | None] | None = None
+) -> contextlib.AbstractContextManager[_Staging]:
+    """A local path (``.path``) to write ``uri`` through in pieces, atomically.
+
+    For writers that append (a Parquet writer, a CSV written chunk by chunk): the
+    file is moved into place (or uploaded) only when the block ends without an
+    error, and ``.info`` then holds its size, SHA-256 and, given ``rows``, its rows.
+    """
+    return _staged(uri, rows)

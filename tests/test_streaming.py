@@ -1,0 +1,298 @@
+"""Chunked stages give the same results as the in-memory path, bit for bit."""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from sagewatch import scoring, streaming
+from sagewatch.config import ModelSettings, Settings
+from sagewatch.detector import Detector
+from sagewatch.errors import InputError
+from sagewatch.features import build_features, feature_names
+from sagewatch.pipeline import read_features, stage_features, stage_score
+from sagewatch.schema import ENTITY, TIMESTAMP, load_raw
+from sagewatch.scoring import score_features
+
+# Entity lengths: longer and shorter than the chunks and the window, one row alone.
+LENGTHS = {"pump-1": 40, "pump-2": 4, "pump-3": 1, "pump-4": 23}
+START = datetime(2024, 3, 1, tzinfo=UTC)
+
+
+def _raw(seed: int = 0) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    parts = []
+    for name, n in LENGTHS.items():
+        parts.append(
+            pl.DataFrame(
+                {
+                    "timestamp": [START + timedelta(seconds=10 * i) for i in range(n)],
+                    "machine_id": name,
+                    "temp": rng.normal(70, 2, n).round(3),
+                    "vib": rng.normal(1, 0.1, n).round(4),
+                    "anomaly": (rng.random(n) < 0.2).astype(np.int8),
+                }
+            )
+        )
+    return pl.concat(parts)
+
+
+def _write(frame: pl.DataFrame, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".csv":
+        frame.write_csv(path)
+    else:
+        frame.write_parquet(path)
+    return str(path)
+
+
+def _in_memory(settings: Settings, uri: str) -> pl.DataFrame:
+    return build_features(*_validated(settings, uri)[:2], settings.features)
+
+
+def _validated(settings: Settings, uri: str) -> tuple[pl.DataFrame, list[str], dict]:
+    window = settings.features.rolling_window
+    data = load_raw(uri, settings.data, settings.quality, rolling_window=window)
+    return data.frame, data.sensors, data.quality
+
+
+def _written(folder: Path) -> list[Path]:
+    return list(folder.iterdir()) if folder.exists() else []
+
+
+def _sorted(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.sort([ENTITY, TIMESTAMP])
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 9, 67])
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_streamed_features_equal_in_memory(
+    tmp_path: Path, chunk_rows: int, suffix: str
+) -> None:
+    settings = Settings()
+    raw = _write(_raw(), tmp_path / "raw" / f"fleet{suffix}")
+
+    result = streaming.stream_features(
+        settings, raw, str(tmp_path / "features"), chunk_rows=chunk_rows
+    )
+
+    assert result is not None
+    streamed = pl.read_parquet(tmp_path / "features" / "*.parquet")
+    expected = _in_memory(settings, raw)
+    assert_frame_equal(_sorted(streamed), _sorted(expected), check_exact=True)
+    assert result.rows_out == sum(LENGTHS.values())
+    assert result.quality == _validated(settings, raw)[2]
+    assert sorted(Path(o.uri).name for o in result.outputs) == [
+        f"features-{name}.parquet" for name in sorted(LENGTHS)
+    ]
+    assert [i.rows for i in result.inputs] == [sum(LENGTHS.values())]
+
+
+def test_input_within_one_chunk_is_validated_in_memory(tmp_path: Path) -> None:
+    raw = _write(_raw(), tmp_path / "raw" / "fleet.parquet")
+
+    result = streaming.stream_features(
+        Settings(), raw, str(tmp_path / "features"), chunk_rows=68
+    )
+
+    assert result is None
+    assert not _written(tmp_path / "features")
+
+
+def _gappy() -> pl.DataFrame:
+    """pump-1 with missing readings mid-entity, a doubled step and a 1-row entity."""
+    raw = _raw()
+    temp = raw["temp"].to_list()
+    temp[5] = temp[6] = None  # filled from row 4 (max_fill_gap=3)
+    temp[30] = None
+    times = raw["timestamp"].to_list()
+    times[20:40] = [t + timedelta(seconds=10) for t in times[20:40]]
+    return raw.with_columns(pl.Series("temp", temp), pl.Series("timestamp", times))
+
+
+@pytest.mark.parametrize("chunk_rows", [4, 7, 13])
+def test_streamed_quality_report_equals_in_memory_with_fills_and_gaps(
+    tmp_path: Path, chunk_rows: int
+) -> None:
+    settings = Settings()
+    raw = _write(_gappy(), tmp_path / "raw" / "fleet.parquet")
+    _, _, quality = _validated(settings, raw)
+    assert quality["repaired"] == {"forward_filled_values": 3}
+    assert quality["time_gaps"] == 1
+
+    result = streaming.stream_features(
+        settings, raw, str(tmp_path / "features"), chunk_rows=chunk_rows
+    )
+
+    assert result is not None
+    assert result.quality == quality
+    streamed = pl.read_parquet(tmp_path / "features" / "*.parquet")
+    assert_frame_equal(
+        _sorted(streamed), _sorted(_in_memory(settings, raw)), check_exact=True
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ("gap_at_piece_start", "rows dropped"),
+        ("duplicate_across_pieces", "goes back in time|duplicate"),
+        ("bad_value", "not a number"),
+    ],
+)
+def test_pieces_that_need_the_whole_entity_fall_back_to_memory(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    change: str,
+    reason: str,
+) -> None:
+    raw = _raw().with_columns(pl.col("temp").cast(pl.String))
+    temp, times = raw["temp"].to_list(), raw["timestamp"].to_list()
+    if change == "gap_at_piece_start":
+        temp[10] = None  # pump-1's second piece of 10 rows starts here
+    elif change == "duplicate_across_pieces":
+        times[10] = times[9]
+    else:
+        temp[33] = "n/a?"
+    raw = raw.with_columns(pl.Series("temp", temp), pl.Series("timestamp", times))
+    uri = _write(raw, tmp_path / "raw" / "fleet.parquet")
+    settings = Settings()
+    caplog.set_level(logging.INFO, logger="sagewatch.streaming")
+
+    result = streaming.stream_features(
+        settings, uri, str(tmp_path / "features"), chunk_rows=10
+    )
+
+    assert result is None
+    assert not _written(tmp_path / "features")
+    assert any(re.search(reason, r.getMessage()) for r in caplog.records)
+    if change == "bad_value":
+        with pytest.raises(InputError, match="row 34, entity 'pump-1'"):
+            stage_features(settings, uri, str(tmp_path / "f"), chunk_rows=10)
+        return
+    features, record = stage_features(settings, uri, str(tmp_path / "f"), chunk_rows=10)
+    assert isinstance(features, pl.DataFrame)
+    assert record.details["quality"] == _validated(settings, uri)[2]
+
+
+def test_long_entity_is_cut_into_pieces_with_flags() -> None:
+    frame = _raw()
+    batches = (frame.slice(i, 6) for i in range(0, frame.height, 6))
+
+    chunks = list(streaming.entity_chunks(batches, pl.col(ENTITY), 10))
+
+    assert sum(c.frame.height for c in chunks) == frame.height
+    assert pl.concat([c.frame for c in chunks]).equals(frame)
+    pieces = [(c.frame[ENTITY][0], c.continues, c.open_end) for c in chunks]
+    assert pieces[0] == ("pump-1", False, True)
+    assert pieces[1] == ("pump-1", True, True)
+    for chunk in chunks:
+        names = chunk.frame[ENTITY].unique().to_list()
+        assert chunk.open_end or len(names) >= 1
+
+
+def test_interleaved_entities_are_refused_then_read_whole(tmp_path: Path) -> None:
+    raw = _write(_raw().sort(TIMESTAMP), tmp_path / "raw" / "by_time.parquet")
+    settings = Settings()
+
+    assert (
+        streaming.stream_features(
+            settings, raw, str(tmp_path / "features"), chunk_rows=3
+        )
+        is None
+    )
+    assert not _written(tmp_path / "features")
+    features, record = stage_features(
+        settings, raw, str(tmp_path / "again"), chunk_rows=3
+    )
+    assert isinstance(features, pl.DataFrame)
+    assert record.rows_out == sum(LENGTHS.values())
+    assert_frame_equal(_sorted(features), _sorted(_in_memory(settings, raw)))
+
+
+@pytest.fixture(params=["pca", "autoencoder"])
+def fitted(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> tuple[Settings, str, Detector]:
+    settings = Settings()
+    raw = _write(_raw(), tmp_path / "raw" / "fleet.parquet")
+    features_dir = str(tmp_path / "features")
+    stage_features(settings, raw, features_dir, chunk_rows=7)
+    table = read_features(features_dir)
+    names = feature_names(["temp", "vib"], settings.features.statistics)
+    x = table.select(names).to_numpy()
+    model = ModelSettings(detector=request.param, epochs=2, hidden_dims=[8])
+    detector = Detector(model).fit(x[:40], x[40:50], names)
+    return settings, features_dir, detector
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 11, 67])
+def test_streamed_scores_equal_in_memory(
+    tmp_path: Path, fitted: tuple[Settings, str, Detector], chunk_rows: int
+) -> None:
+    settings, features_dir, detector = fitted
+    out = tmp_path / "scores"
+
+    uri, record = stage_score(
+        settings, features_dir, detector, str(out), chunk_rows=chunk_rows
+    )
+
+    expected = score_features(read_features(features_dir), detector)
+    assert uri == str(out / "anomaly_scores.parquet")
+    assert_frame_equal(pl.read_parquet(uri), expected, check_exact=True)
+    from_csv = pl.read_csv(out / "anomaly_scores.csv")
+    assert from_csv.height == expected.height
+    assert from_csv["anomaly_score"].to_list() == expected["anomaly_score"].to_list()
+    assert record.rows_out == expected.height
+    assert record.details["flagged"] == int(expected["is_anomaly"].sum())
+
+
+def test_scoring_carries_context_rows_of_each_entity(
+    tmp_path: Path,
+    fitted: tuple[Settings, str, Detector],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings, features_dir, detector = fitted
+    detector.context_rows = 3  # a detector that looks back 3 rows per entity
+    seen: list[pl.DataFrame] = []
+
+    def spy(frame: pl.DataFrame, det: Detector, **kwargs) -> pl.DataFrame:
+        seen.append(frame)
+        return score_features(frame, det, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_features", spy)
+    uri, _ = stage_score(settings, features_dir, detector, str(tmp_path), chunk_rows=5)
+
+    table = read_features(features_dir)
+    position = table.with_columns(pl.int_range(pl.len()).over(ENTITY).alias("pos"))
+    for block in seen:
+        first = block.head(1).join(position, on=[ENTITY, TIMESTAMP])
+        assert first["pos"][0] == 0 or block.height > 5, "context missing"
+        assert block.filter(pl.col(ENTITY) == block[ENTITY][0]).height >= min(
+            first["pos"][0] + 1, 4
+        )
+    assert_frame_equal(pl.read_parquet(uri), score_features(table, detector))
+
+
+def test_features_out_of_time_order_are_scored_whole(
+    tmp_path: Path, fitted: tuple[Settings, str, Detector]
+) -> None:
+    settings, features_dir, detector = fitted
+    shuffled = read_features(features_dir).sample(fraction=1.0, shuffle=True, seed=1)
+    _write(shuffled, tmp_path / "mixed" / "features.parquet")
+
+    scores, record = stage_score(
+        settings, str(tmp_path / "mixed"), detector, str(tmp_path / "out"), chunk_rows=4
+    )
+
+    assert isinstance(scores, pl.DataFrame)
+    expected = score_features(read_features(features_dir), detector)
+    assert_frame_equal(scores, expected)
+    assert record.rows_out == expected.height
