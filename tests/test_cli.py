@@ -119,3 +119,11 @@ def test_bad_percentiles_are_refused(tmp_path: Path) -> None:
     code, out = _invoke("evaluate", "--input", "x.csv", "--percentiles", "50,high")
     assert code == 2
     assert "--percentiles" in out
+
+
+def test_two_reference_flags_are_refused(tmp_path: Path) -> None:
+    code, out = _invoke(
+        "run", "--train-rows", "100", "--train-fraction", "0.3", "--data-dir", "x"
+    )
+    assert code == 2
+    assert "--train-rows and --train-fraction" in out

@@ -130,3 +130,18 @@ def test_invalid_yaml_names_the_file(tmp_path: Path) -> None:
 def test_out_of_range_value_is_refused() -> None:
     with pytest.raises(ConfigError, match="rolling_window"):
         Settings().with_overrides({"rolling_window": 1})
+
+
+def test_percentiles_outside_0_to_100_are_refused() -> None:
+    with pytest.raises(ConfigError, match="percentiles"):
+        Settings().with_overrides({"percentiles": "[50, 150]"})
+
+
+def test_two_reference_rules_are_refused() -> None:
+    with pytest.raises(ConfigError, match="choose one"):
+        Settings().with_overrides({"train_rows": 10, "train_until": "2024-01-01"})
+
+
+def test_error_names_the_environment_variable() -> None:
+    with pytest.raises(ConfigError, match=r"environment variables \(EPOCHS\)"):
+        load_settings(None, environ={"EPOCHS": "abc"})

@@ -105,3 +105,35 @@ def test_reference_rows_are_the_first_half_of_each_machine(
     assert per_machine["in_reference"].to_list() == [200, 200]
     first_half = scores.filter(pl.int_range(pl.len()).over("machine_id") < 200)
     assert first_half["in_reference"].sum() == 400
+
+
+def test_rerun_with_fewer_machines_leaves_no_stale_parts(
+    tmp_path: Path, small_settings
+) -> None:
+    run(small_settings, data_dir=str(tmp_path))
+    fewer = small_settings.with_overrides({"n_machines": 1})
+
+    result = run(fewer, data_dir=str(tmp_path))
+
+    assert sorted(p.name for p in (tmp_path / "raw").glob("*.csv")) == [
+        "sensor_data-machine_001.csv"
+    ]
+    assert len(list((tmp_path / "features").glob("*.parquet"))) == 1
+    assert result.report["entities"] == 1
+
+
+def test_training_refuses_features_with_missing_values(
+    tmp_path: Path, small_settings
+) -> None:
+    from sagewatch.errors import InputError
+    from sagewatch.pipeline import stage_train
+
+    run(small_settings, data_dir=str(tmp_path))
+    part = tmp_path / "features" / "features-machine_002.parquet"
+    pl.read_parquet(part).drop("rpm__mean", "rpm__std").write_parquet(part)
+
+    import pytest
+
+    with pytest.raises(InputError, match=r"rpm__mean \(400 rows\)"):
+        stage_train(small_settings, str(tmp_path / "features"), str(tmp_path / "m2"))
+    assert not (tmp_path / "m2").exists()

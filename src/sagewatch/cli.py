@@ -181,7 +181,17 @@ def reference_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _flags(kwargs: dict[str, Any]) -> dict[str, Any]:
     """CLI keyword arguments -> flat setting overrides."""
+    from sagewatch.errors import ConfigError
+
     out = dict(kwargs)
+    rules = [
+        k
+        for k in ("train_rows", "train_until", "train_fraction")
+        if out.get(k) is not None
+    ]
+    if len(rules) > 1:
+        given = " and ".join("--" + r.replace("_", "-") for r in rules)
+        raise ConfigError(f"{given} both given; choose one reference period rule")
     if out.get("sensor_columns"):
         out["sensor_columns"] = [
             c.strip() for c in out["sensor_columns"].split(",") if c.strip()
@@ -318,7 +328,10 @@ def features_cmd(
     settings = _settings(config, **_flags(kwargs))
     _, record = stage_features(settings, input_uri, output_dir)
     _stage_manifest(settings, record, output_dir)
-    click.echo(f"wrote {record.rows_out} feature rows to {record.outputs[0]['uri']}")
+    click.echo(
+        f"wrote {record.rows_out} feature rows in {len(record.outputs)} file(s) "
+        f"under {output_dir}"
+    )
 
 
 @main.command("train")

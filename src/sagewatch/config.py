@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -102,6 +102,15 @@ class ReferenceSettings(_Section):
     train_until: datetime | None = None
     train_fraction: float = Field(default=0.5, gt=0, le=1)
 
+    @model_validator(mode="after")
+    def _one_rule(self) -> ReferenceSettings:
+        if self.train_rows is not None and self.train_until is not None:
+            raise ValueError(
+                f"train_rows ({self.train_rows}) and train_until ({self.train_until}) "
+                "both set; choose one way to define the reference period"
+            )
+        return self
+
 
 class FeatureSettings(_Section):
     """Per-entity rolling statistics."""
@@ -146,7 +155,9 @@ class EvaluationSettings(_Section):
     """The report."""
 
     top_n: int = Field(default=20, ge=1)
-    percentiles: list[float] = Field(default_factory=lambda: [50.0, 90.0, 95.0, 99.0])
+    percentiles: list[Annotated[float, Field(ge=0, le=100)]] = Field(
+        default_factory=lambda: [50.0, 90.0, 95.0, 99.0]
+    )
     max_plot_entities: int = Field(default=12, ge=1)
 
 
@@ -206,7 +217,9 @@ class Settings(_Section):
             )
         return self
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
+    def with_overrides(
+        self, overrides: Mapping[str, Any], *, source: str = "overrides"
+    ) -> Settings:
         """Return a copy with flat ``{setting: value}`` overrides applied.
 
         Values may be strings (from the environment or SageMaker hyperparameters);
@@ -220,7 +233,7 @@ class Settings(_Section):
         for key, value in overrides.items():
             section = section_of(key)
             tree[section][key] = _parse_string(value, section, key)
-        return _validate(tree, source="overrides")
+        return _validate(tree, source=source)
 
     def flat(self) -> dict[str, Any]:
         """All settings as one ``{name: value}`` mapping (JSON-safe values)."""
@@ -267,9 +280,14 @@ def load_settings(
     env = os.environ if environ is None else environ
     from_env = {ENV_VARS[name]: env[name] for name in ENV_VARS if env.get(name)}
     if from_env:
-        settings = settings.with_overrides(from_env)
+        names = ", ".join(n for n in ENV_VARS if env.get(n))
+        settings = settings.with_overrides(
+            from_env, source=f"environment variables ({names})"
+        )
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    return settings.with_overrides(given) if given else settings
+    if not given:
+        return settings
+    return settings.with_overrides(given, source="command-line options")
 
 
 def _read_yaml(path: str | Path | None) -> dict[str, Any]:

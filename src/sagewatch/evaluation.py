@@ -135,6 +135,11 @@ def evaluate(
         if "in_reference" in scores.columns
         else scores
     )
+    if test.height == 0:
+        log.warning(
+            "every row lies in the reference period: nothing to evaluate; shorten it "
+            "(train_rows, train_until or train_fraction)"
+        )
     flagged = test.filter(pl.col("is_anomaly") == 1)
     report: dict[str, Any] = {
         "rows": scores.height,
@@ -394,7 +399,7 @@ def _plot_histogram(scores: pl.DataFrame, threshold: float | None) -> bytes:
     if threshold:
         ax.axvline(np.log10(max(threshold, 1e-12)), color="#c44e52", label="threshold")
         ax.legend()
-    ax.set_xlabel("log10 anomaly score")
+    ax.set_xlabel("log10 anomaly score (all rows, reference period included)")
     ax.set_ylabel("rows")
     return _png(fig)
 

@@ -99,6 +99,7 @@ def stage_generate(settings: Settings, output_dir: str) -> tuple[str, StageRecor
         infos = storage.write_partitioned(
             frame, output_dir, by="machine_id", stem=RAW_STEM, suffix=".csv"
         )
+        storage.remove_stale(output_dir, stem=RAW_STEM, keep=[i.uri for i in infos])
     record = StageRecord(
         "generate",
         outputs=[i.as_dict() for i in infos],
@@ -156,6 +157,9 @@ def stage_features(
             inputs = (
                 _as_dicts(reads) if dataset is None else _describe_inputs(input_uri)
             )
+        storage.remove_stale(
+            output_dir, stem=FEATURES_STEM, keep=[i.uri for i in infos]
+        )
     record = StageRecord(
         "features",
         inputs=inputs,
@@ -193,6 +197,7 @@ def stage_train(
             "every feature of the configured statistics (compute the features "
             "with the same statistics)",
         )
+        _require_finite(features, columns, source)
         detector, info = fit_detector(features, columns, settings, progress=progress)
         fingerprint = hashlib.sha256(
             features.hash_rows(seed=0).to_numpy().tobytes()
@@ -443,6 +448,26 @@ def _store(*uris: str) -> dict[str, str]:
 
 def _as_dicts(files: list[storage.FileInfo]) -> list[dict[str, Any]]:
     return [f.as_dict() for f in files]
+
+
+def _require_finite(frame: pl.DataFrame, columns: list[str], source: str) -> None:
+    """Refuse feature columns with missing or non-finite values before fitting.
+
+    Raises:
+        InputError: names the columns, e.g. part files computed from inputs with
+            different sensors and read together.
+    """
+    bad = frame.select(
+        (pl.col(c).is_null() | ~pl.col(c).is_finite()).sum().alias(c) for c in columns
+    ).row(0, named=True)
+    bad = {c: n for c, n in bad.items() if n}
+    if bad:
+        shown = ", ".join(f"{c} ({n} rows)" for c, n in list(bad.items())[:5])
+        raise InputError(
+            f"{source}: features with missing or non-finite values: {shown}"
+            f"{' ...' if len(bad) > 5 else ''}; expected complete features (were "
+            "part files computed from inputs with different sensors?)"
+        )
 
 
 def _describe_inputs(uri: str) -> list[dict[str, Any]]:

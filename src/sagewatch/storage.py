@@ -50,7 +50,7 @@ from sagewatch.errors import (
 
 log = logging.getLogger(__name__)
 
-TABLE_SUFFIXES = (".parquet", ".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt")
+TABLE_SUFFIXES = (".parquet", ".csv", ".csv.gz", ".tsv", ".tsv.gz")
 sniff_separator = _tables.sniff_separator
 
 
@@ -573,6 +573,31 @@ def write_partitioned(
         name = f"{stem}-{safe_name(str(value))}{suffix}"
         infos.append(write_table(part, join(uri, name)))
     return infos
+
+
+def remove_stale(uri: str, *, stem: str, keep: list[str]) -> list[str]:
+    """Delete ``<stem>-*`` part files under the folder ``uri`` not named in ``keep``.
+
+    A stage that rewrites a partitioned folder calls this after every new part is
+    in place, so parts of entities from an earlier run never mix into the next
+    stage. Returns the URIs removed.
+    """
+    kept = set(keep)
+    try:
+        present = list_files(uri)
+    except NotFoundError:
+        return []
+    stale = [f for f in present if basename(f).startswith(f"{stem}-") and f not in kept]
+    for f in stale:
+        if is_s3(f):
+            bucket, key = split_s3(f)
+            with _s3.errors(f, "delete"):
+                s3_client().delete_object(Bucket=bucket, Key=key)
+        else:
+            Path(f).unlink(missing_ok=True)
+    if stale:
+        log.warning("removed %d stale part file(s) under %s", len(stale), uri)
+    return stale
 
 
 # ----------------------------------------------------------------------------- streams
