@@ -20,6 +20,7 @@ from typing import Any
 import polars as pl
 
 from sagewatch import __version__, storage
+from sagewatch.comparison import compare_detectors
 from sagewatch.config import Settings
 from sagewatch.detector import Detector
 from sagewatch.evaluation import write_report
@@ -300,6 +301,7 @@ def run(
         "input": input_uri,
         "detector": settings.model.detector,
         "data_quality": stages[-3].details["quality"],
+        "comparison": compare_detectors(features, detector.feature_names_, settings),
     }
     report, record = stage_evaluate(
         settings, scores, paths["evaluation"], context=context

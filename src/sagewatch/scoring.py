@@ -1,4 +1,10 @@
-"""Batch scoring: anomaly score, threshold decision and top sensor per row.
+"""Batch scoring: anomaly score, alarm decision and top sensor per row.
+
+Rows are scored in blocks in time order per entity; each block is preceded by the
+detector's ``context_rows`` earlier rows, so a row's score does not depend on where
+a block starts. ``is_anomaly`` is the detector's alarm rule (at least
+``alarm_min_rows`` of the last ``alarm_window`` rows above the threshold; with the
+default 1 of 1, simply ``anomaly_score > threshold``).
 
 The output has the contract columns ``timestamp, machine_id, anomaly_score,
 threshold, is_anomaly, top_sensor``, then ``in_reference`` (1 for rows inside the
@@ -46,6 +52,8 @@ def score_features(
     """
     detector.check_columns(features.columns, source)
     names = detector.feature_names_
+    context = detector.context_rows
+    entity = features[ENTITY].cast(pl.String).to_numpy()
     scores = np.empty(features.height)
     top = np.empty(features.height, dtype=np.int64)
     bar = tqdm(
@@ -57,12 +65,16 @@ def score_features(
         leave=False,
     )
     for start in range(0, features.height, batch_rows):
-        block = features.slice(start, batch_rows).select(names).to_numpy()
-        errors = detector.errors(block)  # (rows, features)
-        stop = start + len(block)
-        scores[start:stop] = errors.mean(axis=1)
-        top[start:stop] = detector.attribution(errors).argmax(axis=1)
-        bar.update(len(block))
+        # Earlier rows give the first rows of the block their sequence context.
+        lead = min(start, context)
+        stop = min(start + batch_rows, features.height)
+        block = features.slice(start - lead, stop - start + lead).select(names)
+        score, contributions = detector.score_rows(
+            block.to_numpy(), entity[start - lead : stop]
+        )
+        scores[start:stop] = score[lead:]
+        top[start:stop] = detector.attribution(contributions[lead:]).argmax(axis=1)
+        bar.update(stop - start)
     bar.close()
 
     threshold = detector.threshold_
@@ -70,7 +82,7 @@ def score_features(
     out = features.select(TIMESTAMP, ENTITY).with_columns(
         pl.Series("anomaly_score", scores),
         pl.lit(threshold, dtype=pl.Float64).alias("threshold"),
-        pl.Series("is_anomaly", (scores > threshold).astype(np.int8)),
+        pl.Series("is_anomaly", detector.alarms(scores, entity)),
         pl.Series("top_sensor", sensors[top].astype(str)),
         _in_reference(features, getattr(detector, "reference_end_", None)),
     )
