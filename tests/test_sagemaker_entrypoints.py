@@ -200,7 +200,7 @@ def test_training_job_runs_under_the_sagemaker_training_toolkit(trained, tiny):
     assert meta["architecture"]["hidden_dims"] == [16, 8]
 
     # The metric definitions of the planned request read the per-epoch INFO lines.
-    history = meta["training"]["history"]
+    history = [h for m in meta["training"]["members"] for h in m["history"]]
     for definition, key in zip(
         jobs.METRIC_DEFINITIONS, ("train_loss", "val_loss"), strict=True
     ):

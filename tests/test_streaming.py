@@ -227,9 +227,11 @@ def fitted(
     stage_features(settings, raw, features_dir, chunk_rows=7)
     table = read_features(features_dir)
     names = feature_names(["temp", "vib"], settings.features.statistics)
-    x = table.select(names).to_numpy()
+    x = table.select(names).to_numpy()[:50]
+    entity = table["machine_id"].to_numpy()[:50]
+    held = np.arange(50) >= 40
     model = ModelSettings(detector=request.param, epochs=2, hidden_dims=[8])
-    detector = Detector(model).fit(x[:40], x[40:50], names)
+    detector = Detector(model).fit(x, entity, names, validation=held)
     return settings, features_dir, detector
 
 
@@ -260,7 +262,8 @@ def test_scoring_carries_context_rows_of_each_entity(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings, features_dir, detector = fitted
-    detector.context_rows = 3  # a detector that looks back 3 rows per entity
+    if detector.context_rows == 0:  # make the PCA detector look back 3 rows
+        monkeypatch.setattr(Detector, "context_rows", property(lambda self: 3))
     seen: list[pl.DataFrame] = []
 
     def spy(frame: pl.DataFrame, det: Detector, **kwargs) -> pl.DataFrame:

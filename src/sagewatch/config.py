@@ -124,20 +124,45 @@ class FeatureSettings(_Section):
 
 
 class ModelSettings(_Section):
-    """The detector, its training loop and its threshold rule."""
+    """The detector, its training loop, its threshold rule and alarm smoothing."""
 
     detector: Literal["autoencoder", "pca", "iforest"] = "autoencoder"
-    encoding_dim: int = Field(default=8, ge=1)
-    hidden_dims: list[int] = Field(default_factory=lambda: [64, 32])
+    center_per_entity: bool = True
+    sequence_length: int = Field(default=16, ge=2)
+    hidden_dims: list[int] = Field(default_factory=lambda: [32], min_length=1)
+    encoding_dim: int = Field(default=16, ge=1)
+    kernel_size: int = Field(default=5, ge=1)
+    ensemble_size: int = Field(default=1, ge=1)
     epochs: int = Field(default=30, ge=1)
-    batch_size: int = Field(default=256, ge=1)
+    batch_size: int = Field(default=128, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)
-    validation_fraction: float = Field(default=0.1, ge=0, lt=1)
+    validation_fraction: float = Field(default=0.2, ge=0, lt=1)
     patience: int = Field(default=5, ge=1)
+    sequence_stride: int = Field(default=2, ge=1)
     max_train_samples: int = Field(default=200_000, ge=10)
+    pca_variance: float = Field(default=0.95, gt=0, le=1)
+    iforest_trees: int = Field(default=100, ge=1)
+    iforest_max_samples: int = Field(default=256, ge=2)
+    threshold_rule: Literal["pot", "quantile"] = "pot"
     threshold_quantile: float = Field(default=0.995, gt=0, lt=1)
+    threshold_risk: float = Field(default=1e-3, gt=0, lt=1)
+    threshold_tail: float = Field(default=0.1, gt=0, lt=1)
     threshold_margin: float = Field(default=1.0, gt=0)
+    alarm_window: int = Field(default=1, ge=1)
+    alarm_min_rows: int = Field(default=1, ge=1)
+    threads: int | None = Field(default=1, ge=1)
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSettings:
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
+        if self.alarm_min_rows > self.alarm_window:
+            raise ValueError(
+                f"alarm_min_rows={self.alarm_min_rows} exceeds "
+                f"alarm_window={self.alarm_window}"
+            )
+        return self
 
 
 class GenerateSettings(_Section):

@@ -1,186 +1,208 @@
-"""A fitted anomaly detector: scaler, model and threshold as one object.
+"""A fitted anomaly detector: scaler, model, threshold and alarm rule as one object.
 
 The detector follows scikit-learn's habits: ``__init__`` stores arguments, ``fit``
 learns the attributes with a trailing underscore, and scoring before ``fit`` raises
-:class:`NotFittedError`. Three models share one interface: an autoencoder (the
-default), PCA reconstruction and Isolation Forest. Scores are per row; the
-attribution splits each row's reconstruction error over the raw sensors.
+:class:`NotFittedError`. Three models share one interface:
+
+* ``autoencoder`` (default): a 1-D convolutional autoencoder (an ensemble over
+  seeds) reconstructing the ``sequence_length`` feature rows that end at each row;
+  the row's score is the mean squared error over that sequence.
+* ``pca``: squared error of the reconstruction from the principal components.
+* ``iforest``: Isolation Forest score.
+
+Each row gets an anomaly score and per-feature contributions (squared
+reconstruction errors; for Isolation Forest, which reconstructs nothing, the squared
+scaled deviation from the entity's reference centre), which the attribution sums per
+sensor. Rows come in blocks of one or more entities, each entity's rows in time
+order; a row's score and alarm use up to :attr:`Detector.context_rows` earlier rows
+of its entity, so a caller that cuts an entity into blocks passes that many rows
+before each block.
 
 An artifact is a folder with ``weights.pt`` (tensors only, loaded with
 ``weights_only=True``) and ``detector.json`` (everything else, readable by people).
+The Isolation Forest is stored as its trees' arrays (see
+:class:`~sagewatch.models.IsolationTrees`), so no kind needs pickle.
+
+Notes:
+    The autoencoder's score averages the squared error over a sequence, so a
+    sustained deviation accumulates while isolated noise averages out; the price
+    is that an anomaly of one or two rows is diluted (by about 1/sequence_length)
+    and that the score stays raised for up to ``sequence_length - 1`` rows after
+    an anomaly ends. Isolation Forest splits on one feature at a time within the
+    reference range: a reading beyond the range of one sensor is isolated no
+    faster than the most extreme reference row, and with many features few
+    splits look at the one that moved. Entity centring needs the same entity
+    names at scoring as in training; an unknown entity is measured from the
+    pooled reference centre.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
-import itertools
 import json
 import logging
 import platform
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from sagewatch import __version__, storage
 from sagewatch.config import ModelSettings
 from sagewatch.errors import ArtifactError, NotFittedError, SchemaMismatchError
 from sagewatch.features import SEPARATOR, sensor_of, sensors_of
+from sagewatch.models import (
+    ConvAutoencoder,
+    IsolationTrees,
+    Scaler,
+    fit_pca,
+    pca_reconstruct,
+    window_index,
+)
+from sagewatch.thresholds import alarms, pot_threshold, quantile_threshold
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS = "weights.pt"
 METADATA = "detector.json"
-# Scaled inputs are clipped here so absurd readings give large, finite scores.
-_CLIP = 1e3
+# Sequences go through the network in batches of exactly this many (zero-padded),
+# so a row's score does not depend on how the rows were cut into blocks.
+_FORWARD_BATCH = 512
 
 
-class Scaler:
-    """Standardise features with statistics of the reference period.
-
-    Notes:
-        A feature that was (nearly) constant in the reference period would get a
-        tiny standard deviation, and any later change would score astronomically.
-        The scale is therefore floored at ``rel_floor`` times the feature's typical
-        magnitude (and at ``abs_floor``), so a constant 96.0 that turns into 93.0
-        scores about 31, not 3e8. The spread, slope and change rate of a constant
-        sensor are all exactly 0, so they have no magnitude of their own: when
-        ``groups`` names each feature's sensor, a feature whose spread is zero to
-        within rounding (at most ``1e-6`` of its sensor's level) is floored at
-        ``rel_floor`` times that level instead. A sensor that was exactly 0.0
-        throughout the reference period keeps ``abs_floor``; any later reading away
-        from 0 is clipped at ``_CLIP`` standard units.
-    """
-
-    def __init__(self, *, rel_floor: float = 1e-3, abs_floor: float = 1e-6) -> None:
-        self.rel_floor = rel_floor
-        self.abs_floor = abs_floor
-
-    def fit(self, x: np.ndarray, groups: Sequence[int] | None = None) -> Scaler:
-        """Learn centre and scale; ``groups[j]`` is the sensor of feature ``j``."""
-        self.center_ = x.mean(axis=0)
-        spread = x.std(axis=0)
-        magnitude = np.abs(x).mean(axis=0)
-        floor = np.maximum(self.rel_floor * magnitude, self.abs_floor)
-        if groups is not None:
-            ids = np.asarray(groups)
-            level = np.zeros(ids.max() + 1)
-            np.maximum.at(level, ids, magnitude)
-            degenerate = spread <= 1e-6 * level[ids]
-            floor = np.where(
-                degenerate, np.maximum(floor, self.rel_floor * level[ids]), floor
-            )
-        self.scale_ = np.maximum(spread, floor)
-        return self
-
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        if not hasattr(self, "scale_"):
-            raise NotFittedError("Scaler is not fitted; call fit first")
-        z = (x - self.center_) / self.scale_
-        return np.clip(z, -_CLIP, _CLIP).astype(np.float32)
-
-
-class Autoencoder(nn.Module):
-    """A fully connected autoencoder: features -> hidden -> code -> back again."""
-
-    def __init__(
-        self, n_features: int, hidden_dims: Sequence[int], encoding_dim: int
-    ) -> None:
-        super().__init__()
-        self.n_features = n_features
-        self.hidden_dims = list(hidden_dims)
-        self.encoding_dim = encoding_dim
-        sizes = [n_features, *hidden_dims, encoding_dim]
-        self.encoder = _mlp(sizes)
-        self.decoder = _mlp(sizes[::-1], last_activation=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, features)
-        return self.decoder(self.encoder(x))  # (batch, features)
-
-
-def _mlp(sizes: Sequence[int], *, last_activation: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
-        layers.append(nn.Linear(a, b))
-        if last_activation or i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run torch with ``threads`` intra-op threads, then restore the setting."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Detector:
-    """Scaler + model + threshold, fitted on the reference period only."""
+    """Scaler + model + threshold + alarm rule, fitted on the reference period."""
 
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings
+
+    @property
+    def context_rows(self) -> int:
+        """Earlier rows of the same entity that a row's score and alarm depend on."""
+        s = self.settings
+        window = s.sequence_length - 1 if s.detector == "autoencoder" else 0
+        return window + s.alarm_window - 1
 
     # ------------------------------------------------------------------ fitting
 
     def fit(
         self,
-        x_train: np.ndarray,
-        x_val: np.ndarray,
+        x: np.ndarray,
+        entity: np.ndarray,
         feature_names: Sequence[str],
         *,
+        validation: np.ndarray | None = None,
         progress: bool = False,
     ) -> Detector:
-        """Learn the scaler and model on ``x_train``, the threshold on ``x_val``.
+        """Learn scaler and model from reference rows, the threshold from held-out ones.
 
-        ``x_val`` is the held-out tail of the reference period; when it is empty the
-        threshold comes from the training rows themselves (recorded as such).
+        ``x`` (rows, features) holds the reference rows grouped by ``entity`` in time
+        order; ``validation`` marks the held-out rows (the tail of each entity's
+        reference). With no held-out rows the threshold comes from the training rows
+        themselves, and detector.json says so.
+
+        Raises:
+            ValueError: fewer than 2 training rows.
         """
-        from sagewatch.training import fit_autoencoder
-
-        if x_train.shape[0] < 2:
-            raise ValueError(
-                f"need at least 2 reference rows to fit, got {x_train.shape[0]}"
-            )
+        entity = np.asarray(entity).astype(str)
+        held = np.zeros(len(x), bool) if validation is None else validation
+        if np.sum(~held) < 2:
+            raise ValueError(f"need at least 2 reference rows to fit, got {len(x)}")
         self.feature_names_ = list(feature_names)
         self.sensors_ = list(dict.fromkeys(sensor_of(f) for f in feature_names))
         groups = [self.sensors_.index(sensor_of(f)) for f in feature_names]
-        self.scaler_ = Scaler().fit(x_train, groups)
-        z_train = self.scaler_.transform(x_train)
-        z_val = self.scaler_.transform(x_val) if len(x_val) else z_train[:0]
-        kind = self.settings.detector
-        if kind == "autoencoder":
-            self.model_, self.training_ = fit_autoencoder(
-                z_train, z_val, self.settings, progress=progress
-            )
-        elif kind == "pca":
-            self.model_, self.training_ = _fit_pca(z_train, self.settings)
-        else:
-            raise NotImplementedError(
-                f"detector {kind!r} is not implemented by Detector.fit"
-            )
-        self.threshold_, self.threshold_rule_ = self._choose_threshold(z_train, z_val)
+        self.scaler_ = Scaler(per_entity=self.settings.center_per_entity).fit(
+            x[~held], entity[~held], groups
+        )
+        z = self.scaler_.transform(x, entity)
+        with torch_threads(self.settings.threads):
+            self.model_, self.training_ = self._fit_model(z, entity, held, progress)
+            scores, _ = self._score_scaled(z, entity)
+        calibration = scores[held] if held.any() else scores
+        source = "held-out" if held.any() else "training"
+        self.threshold_, self.threshold_rule_ = self._threshold(calibration, source)
+        self.alarm_rule_ = {
+            "rule": "min_rows_of_window",
+            "min_rows": self.settings.alarm_min_rows,
+            "window": self.settings.alarm_window,
+        }
         return self
 
-    def _choose_threshold(
-        self, z_train: np.ndarray, z_val: np.ndarray
+    def _fit_model(
+        self, z: np.ndarray, entity: np.ndarray, held: np.ndarray, progress: bool
+    ) -> tuple[Any, dict[str, Any]]:
+        s = self.settings
+        train = z[~held]
+        if s.detector == "pca":
+            model, k = fit_pca(train, s.pca_variance)
+            return model, {"n_components": k, "n_train": len(train)}
+        if s.detector == "iforest":
+            trees = IsolationTrees.fit(
+                train,
+                n_trees=s.iforest_trees,
+                max_samples=s.iforest_max_samples,
+                seed=s.seed,
+            )
+            return trees, {"n_trees": s.iforest_trees, "n_train": len(train)}
+        from sagewatch.training import fit_autoencoder, training_sequences
+
+        index = window_index(entity, s.sequence_length)
+        train_idx, val_idx = training_sequences(index, held, s)
+        members, summaries = [], []
+        for member in range(s.ensemble_size):
+            model, summary = fit_autoencoder(
+                z, train_idx, val_idx, s, seed=s.seed + member, progress=progress
+            )
+            members.append(model)
+            summaries.append(summary)
+        return members, {"members": summaries, "n_train": len(train_idx)}
+
+    def _threshold(
+        self, scores: np.ndarray, source: str
     ) -> tuple[float, dict[str, Any]]:
-        source = "validation" if len(z_val) else "training"
-        scores = self._scores_scaled(z_val if len(z_val) else z_train)
-        q = self.settings.threshold_quantile
-        value = float(np.quantile(scores, q)) * self.settings.threshold_margin
-        rule = {
-            "rule": "quantile",
-            "quantile": q,
-            "margin": self.settings.threshold_margin,
+        s = self.settings
+        rule: dict[str, Any] = {
+            "rule": s.threshold_rule,
+            "margin": s.threshold_margin,
             "computed_on": f"{source} rows of the reference period",
             "n_rows": len(scores),
         }
+        if s.threshold_rule == "pot":
+            value, fit = pot_threshold(
+                scores, risk=s.threshold_risk, initial_quantile=1 - s.threshold_tail
+            )
+            rule.update(risk=s.threshold_risk, tail=s.threshold_tail, fit=fit)
+        else:
+            value = quantile_threshold(scores, s.threshold_quantile)
+            rule["quantile"] = s.threshold_quantile
+        value *= s.threshold_margin
         log.info(
-            "threshold %.6g: quantile %.4g x %.3g of %d %s scores",
+            "threshold %.6g (%s rule x %.3g) from %d %s scores",
             value,
-            q,
-            rule["margin"],
+            s.threshold_rule,
+            s.threshold_margin,
             len(scores),
             source,
         )
-        return value, rule
+        return float(value), rule
 
     # ------------------------------------------------------------------ scoring
 
@@ -190,37 +212,82 @@ class Detector:
                 "Detector is not fitted; call fit or load a saved detector"
             )
 
-    def errors(self, x: np.ndarray) -> np.ndarray:
-        """Squared reconstruction error per feature, scaled units. (rows, features)"""
+    def score_rows(
+        self, x: np.ndarray, entity: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Anomaly score (rows,) and per-feature contributions (rows, features)."""
         self._check_fitted()
-        return self._errors_scaled(self.scaler_.transform(x))
+        entity = np.asarray(entity).astype(str)
+        z = self.scaler_.transform(x, entity)
+        with torch_threads(self.settings.threads):
+            return self._score_scaled(z, entity)
 
-    def _errors_scaled(self, z: np.ndarray) -> np.ndarray:
-        if isinstance(self.model_, Autoencoder):
-            with torch.no_grad():
-                recon = self.model_(torch.from_numpy(z)).numpy()
-        else:
-            mean, components = self.model_["mean"], self.model_["components"]
-            recon = (z - mean) @ components.T @ components + mean
-        return np.square(z - recon, dtype=np.float64)
+    def _score_scaled(
+        self, z: np.ndarray, entity: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(self.model_, IsolationTrees):
+            return self.model_.score(z), np.square(z, dtype=np.float64)
+        if isinstance(self.model_, dict):
+            errors = np.empty(z.shape, dtype=np.float64)
+            block = np.zeros((_FORWARD_BATCH, z.shape[1]), dtype=z.dtype)
+            for start in range(0, len(z), _FORWARD_BATCH):
+                # fixed-size blocks: matrix products round alike wherever a block starts
+                rows = z[start : start + _FORWARD_BATCH]
+                block[: len(rows)] = rows
+                recon = pca_reconstruct(self.model_, block)[: len(rows)]
+                errors[start : start + len(rows)] = np.square(rows - recon)
+            return errors.mean(axis=1), errors
+        errors = self._sequence_errors(z, entity)
+        return errors.mean(axis=1), errors
 
-    def _scores_scaled(self, z: np.ndarray) -> np.ndarray:
-        return self._errors_scaled(z).mean(axis=1)
+    def _sequence_errors(self, z: np.ndarray, entity: np.ndarray) -> np.ndarray:
+        """Mean squared error per feature over each row's sequence. (rows, features)"""
+        index = window_index(entity, self.settings.sequence_length)
+        source = torch.from_numpy(np.ascontiguousarray(z))
+        out = np.zeros(z.shape, dtype=np.float64)
+        batch = torch.zeros(
+            (_FORWARD_BATCH, index.shape[1], z.shape[1])
+        )  # (batch, length, features)
+        with torch.no_grad():
+            for start in range(0, len(index), _FORWARD_BATCH):
+                rows = index[start : start + _FORWARD_BATCH]
+                batch.zero_()
+                batch[: len(rows)] = source[torch.from_numpy(rows)]
+                total = torch.zeros(len(rows), z.shape[1], dtype=torch.float64)
+                for member in self.model_:
+                    error = (member(batch) - batch)[: len(rows)]
+                    total += error.square().mean(dim=1).double()
+                out[start : start + len(rows)] = (total / len(self.model_)).numpy()
+        return out
 
-    def score_samples(self, x: np.ndarray) -> np.ndarray:
-        """Anomaly score per row: mean squared reconstruction error. (rows,)"""
-        return self.errors(x).mean(axis=1)
+    def errors(self, x: np.ndarray, entity: np.ndarray) -> np.ndarray:
+        """Per-feature contributions to each row's score. (rows, features)"""
+        return self.score_rows(x, entity)[1]
 
-    def attribution(self, errors: np.ndarray) -> np.ndarray:
-        """Each sensor's share of a row's error, from :meth:`errors`. (rows, sensors)"""
+    def score_samples(self, x: np.ndarray, entity: np.ndarray) -> np.ndarray:
+        """Anomaly score per row. (rows,)"""
+        return self.score_rows(x, entity)[0]
+
+    def attribution(self, contributions: np.ndarray) -> np.ndarray:
+        """Each sensor's share of a row's contributions. (rows, sensors)"""
         groups = np.array(
             [self.sensors_.index(sensor_of(f)) for f in self.feature_names_]
         )
-        per_sensor = np.zeros((errors.shape[0], len(self.sensors_)))
-        np.add.at(per_sensor.T, groups, errors.T)
+        per_sensor = np.zeros((contributions.shape[0], len(self.sensors_)))
+        np.add.at(per_sensor.T, groups, contributions.T)
         total = per_sensor.sum(axis=1, keepdims=True)
         return np.divide(
             per_sensor, total, out=np.zeros_like(per_sensor), where=total > 0
+        )
+
+    def alarms(self, scores: np.ndarray, entity: np.ndarray) -> np.ndarray:
+        """1 where the alarm rule fires on scores in time order per entity. (rows,)"""
+        self._check_fitted()
+        return alarms(
+            scores > self.threshold_,
+            np.asarray(entity).astype(str),
+            min_rows=self.alarm_rule_["min_rows"],
+            window=self.alarm_rule_["window"],
         )
 
     def check_columns(self, columns: Sequence[str], source: str) -> None:
@@ -257,13 +324,18 @@ class Detector:
             "sagewatch_version": __version__,
             "kind": self.settings.detector,
             "architecture": self._architecture(),
+            "context_rows": self.context_rows,
             "feature_names": self.feature_names_,
             "sensors": self.sensors_,
             "scaler": {
                 "center": self.scaler_.center_.tolist(),
                 "scale": self.scaler_.scale_.tolist(),
+                "entity_center": {
+                    k: v.tolist() for k, v in self.scaler_.entity_center_.items()
+                },
             },
             "threshold": {"value": self.threshold_, **self.threshold_rule_},
+            "alarm": self.alarm_rule_,
             "training": self.training_,
             "reference_end": getattr(self, "reference_end_", {}),
             "model_settings": self.settings.model_dump(mode="json"),
@@ -277,18 +349,26 @@ class Detector:
         return infos
 
     def _state(self) -> dict[str, torch.Tensor]:
-        if isinstance(self.model_, Autoencoder):
-            return self.model_.state_dict()
-        return {
-            k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.model_.items()
-        }
+        if isinstance(self.model_, list):
+            return {
+                f"member{i}.{k}": v
+                for i, member in enumerate(self.model_)
+                for k, v in member.state_dict().items()
+            }
+        arrays = (
+            self.model_.arrays
+            if isinstance(self.model_, IsolationTrees)
+            else self.model_
+        )
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
     def _architecture(self) -> dict[str, Any]:
-        if isinstance(self.model_, Autoencoder):
+        if isinstance(self.model_, list):
+            return {**self.model_[0].arguments(), "members": len(self.model_)}
+        if isinstance(self.model_, IsolationTrees):
             return {
-                "n_features": self.model_.n_features,
-                "hidden_dims": self.model_.hidden_dims,
-                "encoding_dim": self.model_.encoding_dim,
+                "n_trees": int(self.model_.arrays["feature"].shape[0]),
+                "path_length_normaliser": self.model_.normaliser,
             }
         return {"n_components": int(self.model_["components"].shape[0])}
 
@@ -330,24 +410,41 @@ class Detector:
     def _restore(self, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
         self.feature_names_ = list(meta["feature_names"])
         self.sensors_ = list(meta["sensors"])
-        self.scaler_ = Scaler()
-        self.scaler_.center_ = np.asarray(meta["scaler"]["center"], dtype=np.float64)
-        self.scaler_.scale_ = np.asarray(meta["scaler"]["scale"], dtype=np.float64)
+        scaler = meta["scaler"]
+        self.scaler_ = Scaler(per_entity=bool(scaler["entity_center"]))
+        self.scaler_.center_ = np.asarray(scaler["center"], dtype=np.float64)
+        self.scaler_.scale_ = np.asarray(scaler["scale"], dtype=np.float64)
+        self.scaler_.entity_center_ = {
+            k: np.asarray(v, dtype=np.float64)
+            for k, v in scaler["entity_center"].items()
+        }
         self.threshold_ = float(meta["threshold"]["value"])
         self.threshold_rule_ = {
             k: v for k, v in meta["threshold"].items() if k != "value"
         }
+        self.alarm_rule_ = dict(meta["alarm"])
         self.training_ = meta.get("training", {})
         self.reference_end_ = dict(meta.get("reference_end", {}))
-        arch = meta["architecture"]
+        arch = dict(meta["architecture"])
+        arrays = {k: v.numpy() for k, v in state.items()}
         if meta["kind"] == "autoencoder":
-            model = Autoencoder(
-                arch["n_features"], arch["hidden_dims"], arch["encoding_dim"]
-            )
-            model.load_state_dict(state)
-            self.model_ = model.eval()
+            members = arch.pop("members")
+            self.model_ = [
+                _restore_member(arch, state, f"member{i}.") for i in range(members)
+            ]
+        elif meta["kind"] == "iforest":
+            self.model_ = IsolationTrees(arrays, float(arch["path_length_normaliser"]))
         else:
-            self.model_ = {k: v.numpy() for k, v in state.items()}
+            self.model_ = arrays
+
+
+def _restore_member(
+    arch: dict[str, Any], state: dict[str, torch.Tensor], prefix: str
+) -> ConvAutoencoder:
+    model = ConvAutoencoder(**arch)
+    own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    model.load_state_dict(own)
+    return model.eval()
 
 
 def _check_restored(detector: Detector) -> None:
@@ -369,7 +466,9 @@ def _check_restored(detector: Detector) -> None:
     if set(detector.sensors_) != {sensor_of(f) for f in names}:
         raise ValueError("sensors do not match feature_names")
     model = detector.model_
-    width = model.n_features if isinstance(model, Autoencoder) else None
+    width = None
+    if isinstance(model, list) and model:
+        width = model[0].n_features
     if isinstance(model, dict) and "components" in model:
         width = model["components"].shape[1]
     if width is not None and width != len(names):
@@ -405,22 +504,6 @@ def _read_metadata(uri: str) -> dict[str, Any]:
             __version__,
         )
     return meta
-
-
-def _fit_pca(
-    z: np.ndarray, settings: ModelSettings
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Principal components that keep 95 % of the reference variance (float32)."""
-    mean = z.mean(axis=0, keepdims=True)
-    _, s, vt = np.linalg.svd(z - mean, full_matrices=False)
-    explained = np.cumsum(s**2) / max(float(np.sum(s**2)), 1e-12)
-    k = int(min(np.searchsorted(explained, 0.95) + 1, vt.shape[0]))
-    model = {"mean": mean.astype(np.float32), "components": vt[:k].astype(np.float32)}
-    return model, {
-        "n_components": k,
-        "explained_variance": float(explained[k - 1]),
-        "n_train": len(z),
-    }
 
 
 def _versions() -> dict[str, str]:

@@ -43,15 +43,21 @@ def _ratio(num: float, den: float, scale: float = 1.0) -> float | None:
 def labelled_metrics(
     label: np.ndarray, score: np.ndarray, flagged: np.ndarray
 ) -> dict[str, Any]:
-    """Point-wise metrics of binary decisions and threshold-free ranking metrics."""
+    """Point-wise metrics of binary decisions and threshold-free ranking metrics.
+
+    Undefined values are ``None`` and ``undefined`` says why: with no labelled
+    anomaly, recall, F1, MAR, PR-AUC and ROC-AUC; with no normal row, FAR, PR-AUC
+    (trivially 1) and ROC-AUC; with no flagged row, precision.
+    """
     y = np.asarray(label).astype(bool)
     p = np.asarray(flagged).astype(bool)
     tp, fp = int(np.sum(y & p)), int(np.sum(~y & p))
     fn, tn = int(np.sum(y & ~p)), int(np.sum(~y & ~p))
+    has_pos, has_neg = bool(y.any()), bool((~y).any())
     metrics: dict[str, Any] = {
         "precision": _ratio(tp, tp + fp),
         "recall": _ratio(tp, tp + fn),
-        "f1": _ratio(tp, tp + (fp + fn) / 2),
+        "f1": _ratio(tp, tp + (fp + fn) / 2) if has_pos else None,
         "far": _ratio(fp, fp + tn, 100.0),
         "mar": _ratio(fn, fn + tp, 100.0),
         "pr_auc": None,
@@ -61,19 +67,21 @@ def labelled_metrics(
         "n_positive": int(y.sum()),
     }
     undefined = []
-    if y.any() and (~y).any():
+    if has_pos and has_neg:
         from sklearn.metrics import average_precision_score, roc_auc_score
 
         metrics["pr_auc"] = float(average_precision_score(y, score))
         metrics["roc_auc"] = float(roc_auc_score(y, score))
-    elif not y.any():
+    elif not has_pos:
         undefined.append(
-            "no labelled anomalies: recall, MAR, PR-AUC and ROC-AUC are undefined"
+            "no labelled anomalies: recall, F1, MAR, PR-AUC and ROC-AUC are undefined"
         )
     else:
         undefined.append(
-            "every row is labelled anomalous: FAR and ROC-AUC are undefined"
+            "every row is labelled anomalous: FAR, PR-AUC and ROC-AUC are undefined"
         )
+    if not p.any():
+        undefined.append("no row is flagged: precision is undefined")
     if undefined:
         metrics["undefined"] = undefined
     return metrics
@@ -85,27 +93,32 @@ def event_metrics(
     """Share of labelled segments with at least one alarm, and mean delay in rows.
 
     A segment is a run of consecutive labelled rows of one entity; the delay is the
-    number of rows from its first row to its first alarm.
+    number of rows from its first row to its first alarm inside it. Segments without
+    an alarm count as missed and do not enter the mean delay.
     """
     y = np.asarray(label).astype(bool)
     p = np.asarray(flagged).astype(bool)
     ent = np.asarray(entity)
-    starts = y & ~np.r_[False, y[:-1] & (ent[1:] == ent[:-1])]
-    segment_id = np.cumsum(starts) * y  # 0 outside segments
-    n_segments = int(starts.sum())
-    if n_segments == 0:
-        return {"n_events": 0, "event_recall": None, "mean_detection_delay": None}
-    delays = []
-    for seg in range(1, n_segments + 1):
-        rows = np.flatnonzero(segment_id == seg)
-        hits = np.flatnonzero(p[rows])
-        if hits.size:
-            delays.append(int(hits[0]))
+    same = ent[1:] == ent[:-1]
+    joined = np.r_[False, y[1:] & y[:-1] & same] if y.size else y  # row i joins i-1
+    starts = np.flatnonzero(y & ~joined)
+    if starts.size == 0:
+        return {
+            "n_events": 0,
+            "events_detected": 0,
+            "event_recall": None,
+            "mean_detection_delay": None,
+        }
+    ends = np.flatnonzero(y & ~np.r_[joined[1:], False]) + 1  # exclusive
+    alarm_rows = np.r_[np.flatnonzero(p & y), y.size]  # y.size: no more alarms
+    first_row = alarm_rows[np.searchsorted(alarm_rows, starts)]  # first at/after
+    detected = first_row < ends
+    delays = (first_row - starts)[detected]
     return {
-        "n_events": n_segments,
-        "events_detected": len(delays),
-        "event_recall": len(delays) / n_segments,
-        "mean_detection_delay": float(np.mean(delays)) if delays else None,
+        "n_events": int(starts.size),
+        "events_detected": int(detected.sum()),
+        "event_recall": float(detected.mean()),
+        "mean_detection_delay": float(delays.mean()) if delays.size else None,
     }
 
 
@@ -255,6 +268,7 @@ def render_html(
         "<h1>sagewatch evaluation report</h1>",
         _summary_table(report),
         _metrics_table(report.get("metrics")),
+        _comparison_table(report),
         "<h2>Score distribution</h2>",
         _img(_plot_histogram(scores, report["threshold"])),
         "<h2>Anomaly score over time</h2>",
@@ -350,6 +364,29 @@ def _metrics_table(metrics: dict[str, Any] | None) -> str:
     rows = [{"metric": k, "value": _fmt(metrics.get(k))} for k in keys]
     notes = "".join(f"<p>{html.escape(u)}</p>" for u in metrics.get("undefined", []))
     return "<h2>Labelled metrics (FAR and MAR in %)</h2>" + _table(rows) + notes
+
+
+def comparison_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The report's detector and the baselines in ``context.comparison``, one row
+    each, with the same labelled metrics (empty without labels)."""
+    metrics = report.get("metrics")
+    others = (report.get("context") or {}).get("comparison") or []
+    if not metrics or not others:
+        return []
+    own = (report.get("context") or {}).get("detector", "configured")
+    keys = [k for k in others[0] if k not in ("detector", "seconds")]
+    first = {"detector": f"{own} (this run)", **{k: metrics.get(k) for k in keys}}
+    return [first, *({k: v for k, v in r.items() if k != "seconds"} for r in others)]
+
+
+def _comparison_table(report: dict[str, Any]) -> str:
+    rows = comparison_rows(report)
+    if not rows:
+        return ""
+    return (
+        "<h2>Detectors side by side (same features, reference period, threshold "
+        "rule and alarm smoothing)</h2>" + _table(rows)
+    )
 
 
 def _fmt(value: Any) -> str:

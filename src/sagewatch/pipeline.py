@@ -220,7 +220,7 @@ def stage_train(
         details={
             "threshold": detector.threshold_,
             **info,
-            "training": {k: v for k, v in detector.training_.items() if k != "history"},
+            "training": _without_history(detector.training_),
         },
     )
     return detector, record
@@ -396,10 +396,15 @@ def run(
     )
     _handed_over(score_record, train_record, features_record)
     stages.append(score_record)
+    from sagewatch.comparison import compare_detectors
+
+    if isinstance(features, str):  # streamed: the comparison needs the table
+        features = read_features(features)
     context = {
         "input": input_uri,
         "detector": settings.model.detector,
         "data_quality": stages[-3].details["quality"],
+        "comparison": compare_detectors(features, detector.feature_names_, settings),
     }
     report, record = stage_evaluate(
         settings, scores, paths["evaluation"], context=context, progress=progress
@@ -448,6 +453,14 @@ def _store(*uris: str) -> dict[str, str]:
 
 def _as_dicts(files: list[storage.FileInfo]) -> list[dict[str, Any]]:
     return [f.as_dict() for f in files]
+
+
+def _without_history(summary: dict[str, Any]) -> dict[str, Any]:
+    """A training summary without per-epoch losses (those stay in detector.json)."""
+    out = {k: v for k, v in summary.items() if k != "history"}
+    if "members" in out:
+        out["members"] = [_without_history(m) for m in out["members"]]
+    return out
 
 
 def _require_finite(frame: pl.DataFrame, columns: list[str], source: str) -> None:

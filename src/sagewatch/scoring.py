@@ -1,4 +1,10 @@
-"""Batch scoring: anomaly score, threshold decision and top sensor per row.
+"""Batch scoring: anomaly score, alarm decision and top sensor per row.
+
+Rows are scored in blocks in time order per entity; each block is preceded by the
+detector's ``context_rows`` earlier rows, so a row's score does not depend on where
+a block starts. ``is_anomaly`` is the detector's alarm rule (at least
+``alarm_min_rows`` of the last ``alarm_window`` rows above the threshold; with the
+default 1 of 1, simply ``anomaly_score > threshold``).
 
 The output has the contract columns ``timestamp, machine_id, anomaly_score,
 threshold, is_anomaly, top_sensor``, then ``in_reference`` (1 for rows inside the
@@ -9,10 +15,7 @@ passthrough columns when the features carry them.
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import datetime
 
 import numpy as np
@@ -32,9 +35,8 @@ SCORE_COLUMNS = (
     "in_reference",
 )
 SCORE_PASSTHROUGH = (LABEL, "anomaly_kind", "changepoint")
-# Rows per model call. Every call gets exactly this many rows (the last block is
-# padded), so a row's score does not depend on how the table was cut into chunks:
-# matrix products round differently for different numbers of rows.
+# Rows per block handed to the detector, which pads its own network batches, so a
+# row's score does not depend on how the table was cut into blocks or chunks.
 BATCH_ROWS = 8_192
 
 
@@ -50,14 +52,16 @@ def score_features(
 ) -> pl.DataFrame:
     """Score every row of a features table with a fitted detector.
 
-    The model sees blocks of exactly ``batch_rows`` rows, so the scores of a table
-    cut into chunks are bit for bit those of the whole table.
+    Each block carries the detector's context rows, so the scores of a table cut
+    into chunks are bit for bit those of the whole table.
 
     Raises:
         SchemaMismatchError: the table lacks features the detector needs.
     """
     detector.check_columns(features.columns, source)
     names = detector.feature_names_
+    context = detector.context_rows
+    entity = features[ENTITY].cast(pl.String).to_numpy()
     scores = np.empty(features.height)
     top = np.empty(features.height, dtype=np.int64)
     bar = tqdm(
@@ -68,20 +72,17 @@ def score_features(
         disable=not progress,
         leave=False,
     )
-    starts = range(0, features.height, batch_rows)
-
-    def work(start: int) -> None:
-        block = features.slice(start, batch_rows).select(names).to_numpy()
-        rows = len(block)
-        padded = np.zeros((batch_rows, len(names)))  # (batch, features)
-        padded[:rows] = block
-        errors = detector.errors(padded)[:rows]  # (rows, features)
-        scores[start : start + rows] = errors.mean(axis=1)
-        top[start : start + rows] = detector.attribution(errors).argmax(axis=1)
-        bar.update(rows)
-
-    with _one_thread_per_call(), ThreadPoolExecutor(_workers(len(starts))) as pool:
-        list(pool.map(work, starts))
+    for start in range(0, features.height, batch_rows):
+        # Earlier rows give the first rows of the block their sequence context.
+        lead = min(start, context)
+        stop = min(start + batch_rows, features.height)
+        block = features.slice(start - lead, stop - start + lead).select(names)
+        score, contributions = detector.score_rows(
+            block.to_numpy(), entity[start - lead : stop]
+        )
+        scores[start:stop] = score[lead:]
+        top[start:stop] = detector.attribution(contributions[lead:]).argmax(axis=1)
+        bar.update(stop - start)
     bar.close()
 
     threshold = detector.threshold_
@@ -89,7 +90,7 @@ def score_features(
     out = features.select(TIMESTAMP, ENTITY).with_columns(
         pl.Series("anomaly_score", scores),
         pl.lit(threshold, dtype=pl.Float64).alias("threshold"),
-        pl.Series("is_anomaly", (scores > threshold).astype(np.int8)),
+        pl.Series("is_anomaly", detector.alarms(scores, entity)),
         sensors.gather(top),
         _in_reference(features, getattr(detector, "reference_end_", None)),
     )
@@ -125,24 +126,3 @@ def _in_reference(
     )
     flag = (joined[TIMESTAMP] <= joined["__end"]).fill_null(False)
     return flag.cast(pl.Int8).alias("in_reference")
-
-
-def _workers(blocks: int) -> int:
-    return max(1, min(blocks, os.cpu_count() or 1, 4))
-
-
-@contextmanager
-def _one_thread_per_call() -> Iterator[None]:
-    """Run each model call on one thread; blocks run side by side instead.
-
-    Splitting an 8192-row product over several threads costs more in waiting than
-    it gains, most of all on a busy machine; whole blocks in parallel do not wait.
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -1,8 +1,9 @@
-"""The autoencoder training loop: seeded, early-stopped, with a progress bar.
+"""Fitting a detector on the reference period; the autoencoder training loop.
 
-Training is deterministic on CPU for a given seed and thread count: weights are
-initialised from ``torch.manual_seed(seed)`` and batches are shuffled by a generator
-seeded the same way. The best epoch by validation loss is kept (early stopping on the
+Training is deterministic on CPU for a given seed and thread count (``threads``,
+1 by default): weights are initialised from ``torch.manual_seed(seed)`` and batches
+are shuffled by a generator seeded the same way; ensemble member ``i`` uses seed
+``seed + i``. The best epoch by validation loss is kept (early stopping on the
 held-out tail of the reference period).
 """
 
@@ -23,49 +24,77 @@ from tqdm.auto import tqdm
 from sagewatch.config import ModelSettings, ReferenceSettings, Settings
 from sagewatch.detector import Detector
 from sagewatch.errors import InputError
+from sagewatch.models import ConvAutoencoder
 from sagewatch.schema import ENTITY, TIMESTAMP
 
 log = logging.getLogger(__name__)
 
 
+def training_sequences(
+    index: np.ndarray, held: np.ndarray, settings: ModelSettings
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row numbers of the training and validation sequences. (sequences, length)
+
+    Training sequences end at every ``sequence_stride``-th row that is not held
+    out, at most ``max_train_samples`` of them (a seeded sample); validation
+    sequences end at every held-out row. Consecutive sequences overlap in all but
+    one row, so a stride above 1 costs little information and saves most of the
+    time.
+    """
+    ends = np.flatnonzero(~held)[:: settings.sequence_stride]
+    if len(ends) > settings.max_train_samples:
+        rng = np.random.default_rng(settings.seed)
+        ends = np.sort(rng.choice(ends, settings.max_train_samples, replace=False))
+        log.info("sampled %d training sequences", len(ends))
+    return index[ends], index[np.flatnonzero(held)]
+
+
 def fit_autoencoder(
-    z_train: np.ndarray,
-    z_val: np.ndarray,
+    z: np.ndarray,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
     settings: ModelSettings,
     *,
+    seed: int,
     progress: bool = False,
-) -> tuple[Any, dict[str, Any]]:
-    """Train an :class:`~sagewatch.detector.Autoencoder` on scaled reference rows.
+) -> tuple[ConvAutoencoder, dict[str, Any]]:
+    """Train a :class:`~sagewatch.models.ConvAutoencoder` on scaled reference rows.
 
-    Returns the model (in eval mode, best epoch restored) and a training summary.
-    Each epoch logs one line ``epoch=E train_loss=X val_loss=Y`` that a SageMaker
-    metric-definition regex can read.
+    ``z`` (rows, features) holds the scaled rows; ``train_idx`` and ``val_idx``
+    (sequences, length) are row numbers of the sequences. Returns the model (in
+    eval mode, best epoch restored) and a training summary. Each epoch logs one
+    line ``epoch=E train_loss=X val_loss=Y`` that a SageMaker metric-definition
+    regex can read.
     """
-    from sagewatch.detector import Autoencoder
-
-    torch.manual_seed(settings.seed)
-    model = Autoencoder(z_train.shape[1], settings.hidden_dims, settings.encoding_dim)
+    torch.manual_seed(seed)
+    model = ConvAutoencoder(
+        z.shape[1],
+        train_idx.shape[1],
+        settings.hidden_dims,
+        settings.encoding_dim,
+        settings.kernel_size,
+    )
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
-    loss_fn = nn.MSELoss()
-    x_train = torch.from_numpy(np.ascontiguousarray(z_train, dtype=np.float32))
-    x_val = torch.from_numpy(np.ascontiguousarray(z_val, dtype=np.float32))
-    generator = torch.Generator().manual_seed(settings.seed)
+    rows = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+    train = torch.from_numpy(train_idx)
+    val = rows[torch.from_numpy(val_idx)]  # (sequences, length, features)
+    generator = torch.Generator().manual_seed(seed)
 
     history: list[dict[str, float]] = []
     best_loss, best_state, best_epoch, waited = float("inf"), None, 0, 0
     started = time.perf_counter()
     bar = tqdm(
         range(1, settings.epochs + 1),
-        desc="train",
+        desc=f"train (seed {seed})",
         unit="epoch",
         disable=not progress,
         leave=False,
     )
     for epoch in bar:
         train_loss = _epoch(
-            model, optimiser, loss_fn, x_train, settings.batch_size, generator
+            model, optimiser, rows, train, settings.batch_size, generator
         )
-        val_loss = _evaluate(model, loss_fn, x_val) if len(x_val) else train_loss
+        val_loss = _evaluate(model, val) if len(val) else train_loss
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
         log.debug("epoch=%d train_loss=%.6f val_loss=%.6f", epoch, train_loss, val_loss)
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
@@ -82,14 +111,15 @@ def fit_autoencoder(
     if best_state is not None:
         model.load_state_dict(best_state)
     summary = {
+        "seed": seed,
         "epochs_run": len(history),
         "best_epoch": best_epoch,
         "best_val_loss": best_loss,
-        "n_train": len(z_train),
-        "n_val": len(z_val),
+        "n_train": len(train_idx),
+        "n_val": len(val_idx),
         "seconds": round(seconds, 3),
         "samples_per_second": round(
-            len(z_train) * len(history) / max(seconds, 1e-9), 1
+            len(train_idx) * len(history) / max(seconds, 1e-9), 1
         ),
         "history": history,
     }
@@ -99,28 +129,28 @@ def fit_autoencoder(
 def _epoch(
     model: nn.Module,
     optimiser: torch.optim.Optimizer,
-    loss_fn: nn.Module,
-    x: torch.Tensor,  # (rows, features)
+    rows: torch.Tensor,  # (rows, features)
+    index: torch.Tensor,  # (sequences, length)
     batch_size: int,
     generator: torch.Generator,
 ) -> float:
     model.train()
-    order = torch.randperm(len(x), generator=generator)
+    order = torch.randperm(len(index), generator=generator)
     total = 0.0
-    for start in range(0, len(x), batch_size):
-        batch = x[order[start : start + batch_size]]  # (batch, features)
+    for start in range(0, len(index), batch_size):
+        batch = rows[index[order[start : start + batch_size]]]  # (batch, length, f)
         optimiser.zero_grad()
-        loss = loss_fn(model(batch), batch)
+        loss = torch.mean(torch.square(model(batch) - batch))
         loss.backward()
         optimiser.step()
         total += loss.item() * len(batch)
-    return total / len(x)
+    return total / len(index)
 
 
-def _evaluate(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor) -> float:
+def _evaluate(model: nn.Module, x: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
-        return float(loss_fn(model(x), x))
+        return float(torch.mean(torch.square(model(x) - x)))
 
 
 def reference_mask(frame: pl.DataFrame, settings: ReferenceSettings) -> pl.Series:
@@ -153,8 +183,8 @@ def fit_detector(
     """Fit a detector on the reference period of a features table.
 
     The last ``validation_fraction`` of each entity's reference rows is held out for
-    early stopping and the threshold; the rest is sampled down to
-    ``max_train_samples`` rows (seeded) when larger.
+    early stopping and the threshold (when that leaves fewer than 2 rows to train
+    on, nothing is held out and the threshold comes from the training rows).
 
     Raises:
         InputError: no entity has enough reference rows.
@@ -174,33 +204,31 @@ def fit_detector(
             f"the reference period holds {ref.height} rows; need at least 2. "
             "Check train_rows / train_until / train_fraction"
         )
-    position = pl.int_range(pl.len()).over(ENTITY)
-    tail = position >= (pl.len() * (1 - model.validation_fraction)).floor().over(ENTITY)
-    is_val = (
-        ref.select(tail.alias("v")).to_series()
-        if model.validation_fraction > 0
-        else pl.Series([False] * ref.height)
-    )
+    is_val = _held_out(ref, model.validation_fraction)
+    if int((~is_val).sum()) < 2:
+        is_val = np.zeros(ref.height, dtype=bool)
     x = ref.select(feature_columns).to_numpy().astype(np.float64)
-    x_val, x_train = x[is_val.to_numpy()], x[~is_val.to_numpy()]
-    if len(x_train) < 2:
-        x_train, x_val = x, x[:0]
-    if len(x_train) > model.max_train_samples:
-        rng = np.random.default_rng(model.seed)
-        keep = np.sort(rng.choice(len(x_train), model.max_train_samples, replace=False))
-        log.info(
-            "sampled %d of %d reference rows for training", len(keep), len(x_train)
-        )
-        x_train = x_train[keep]
-    detector = Detector(model).fit(x_train, x_val, feature_columns, progress=progress)
+    entity = ref[ENTITY].cast(pl.String).to_numpy()
+    detector = Detector(model).fit(
+        x, entity, feature_columns, validation=is_val, progress=progress
+    )
     ends = ref.group_by(ENTITY, maintain_order=True).agg(pl.col(TIMESTAMP).max())
     detector.reference_end_ = {
         e: t.isoformat() for e, t in zip(ends[ENTITY], ends[TIMESTAMP], strict=True)
     }
     info = {
         "reference_rows": ref.height,
-        "train_rows": len(x_train),
-        "validation_rows": len(x_val),
+        "train_rows": int((~is_val).sum()),
+        "validation_rows": int(is_val.sum()),
         "entities_without_reference": empty,
     }
     return detector, info
+
+
+def _held_out(ref: pl.DataFrame, fraction: float) -> np.ndarray:
+    """The last ``fraction`` of each entity's reference rows (rounded down)."""
+    if fraction <= 0:
+        return np.zeros(ref.height, dtype=bool)
+    position = pl.int_range(pl.len()).over(ENTITY)
+    tail = position >= (pl.len() - (pl.len() * fraction).floor()).over(ENTITY)
+    return ref.select(tail.alias("held")).to_series().to_numpy()

@@ -1,0 +1,276 @@
+"""The building blocks of a detector: scaler, windows and the three models.
+
+* :class:`Scaler` standardises features against the reference period, centring each
+  entity on its own reference rows.
+* :func:`window_index` turns rows in time order into sequences of ``length`` rows
+  ending at each row, never crossing entities.
+* :class:`ConvAutoencoder` reconstructs such sequences with 1-D convolutions.
+* :func:`fit_pca` / :func:`pca_reconstruct` are the PCA reconstruction baseline.
+* :class:`IsolationTrees` is a fitted Isolation Forest held as plain arrays, so it
+  is saved as tensors and scored without pickle.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sagewatch.errors import NotFittedError
+
+# Scaled inputs are clipped here so absurd readings give large, finite scores.
+CLIP = 1e3
+
+
+class Scaler:
+    """Standardise features with statistics of the reference period.
+
+    With ``per_entity`` each entity is centred on the mean of its own reference
+    rows (machines of one fleet run at different levels); the spread is the pooled
+    within-entity standard deviation, which short references estimate poorly one
+    entity at a time. Entities without reference rows are centred on the pooled
+    reference mean.
+
+    Notes:
+        A feature that was (nearly) constant in the reference period would get a
+        tiny standard deviation, and any later change would score astronomically.
+        The scale is therefore floored at ``rel_floor`` times the feature's typical
+        magnitude (and at ``abs_floor``), so a constant 96.0 that turns into 93.0
+        scores about 31, not 3e8.
+    """
+
+    def __init__(
+        self,
+        *,
+        per_entity: bool = True,
+        rel_floor: float = 1e-3,
+        abs_floor: float = 1e-6,
+    ) -> None:
+        self.per_entity = per_entity
+        self.rel_floor = rel_floor
+        self.abs_floor = abs_floor
+
+    def fit(
+        self,
+        x: np.ndarray,
+        entity: np.ndarray,
+        groups: Sequence[int] | None = None,
+    ) -> Scaler:
+        """Learn centres and scale from reference rows ``x`` (rows, features).
+
+        ``groups[j]`` names the sensor of feature ``j``; see the class Notes.
+        """
+        self.center_ = x.mean(axis=0)
+        self.entity_center_: dict[str, np.ndarray] = {}
+        deviation = x - self.center_
+        if self.per_entity:
+            for name in dict.fromkeys(entity.tolist()):
+                rows = entity == name
+                self.entity_center_[str(name)] = x[rows].mean(axis=0)
+                deviation[rows] = x[rows] - self.entity_center_[str(name)]
+        spread = np.sqrt(np.mean(np.square(deviation), axis=0))
+        magnitude = np.abs(x).mean(axis=0)
+        floor = np.maximum(self.rel_floor * magnitude, self.abs_floor)
+        if groups is not None:
+            ids = np.asarray(groups)
+            level = np.zeros(ids.max() + 1)
+            np.maximum.at(level, ids, magnitude)
+            degenerate = spread <= 1e-6 * level[ids]
+            floor = np.where(
+                degenerate, np.maximum(floor, self.rel_floor * level[ids]), floor
+            )
+        self.scale_ = np.maximum(spread, floor)
+        return self
+
+    def centers(self, entity: np.ndarray) -> np.ndarray:
+        """The centre each row is measured from. (rows, features)"""
+        out = np.broadcast_to(self.center_, (len(entity), len(self.center_))).copy()
+        if self.entity_center_:
+            for name in dict.fromkeys(entity.tolist()):
+                center = self.entity_center_.get(str(name))
+                if center is not None:
+                    out[entity == name] = center
+        return out
+
+    def transform(self, x: np.ndarray, entity: np.ndarray) -> np.ndarray:
+        if not hasattr(self, "scale_"):
+            raise NotFittedError("Scaler is not fitted; call fit first")
+        z = (x - self.centers(entity)) / self.scale_
+        return np.clip(z, -CLIP, CLIP).astype(np.float32)
+
+
+def window_index(entity: np.ndarray, length: int) -> np.ndarray:
+    """Row numbers of the ``length`` rows ending at each row, within its entity.
+
+    Rows must be grouped by entity and in time order. The first rows of an entity
+    repeat its first row where there is no earlier row. (rows, length)
+    """
+    n = len(entity)
+    starts = np.r_[0, np.flatnonzero(entity[1:] != entity[:-1]) + 1]
+    first = np.repeat(starts, np.diff(np.r_[starts, n]))  # (rows,)
+    offsets = np.arange(1 - length, 1)  # (length,)
+    return np.maximum(np.arange(n)[:, None] + offsets[None, :], first[:, None])
+
+
+class ConvAutoencoder(nn.Module):
+    """Reconstructs sequences of feature rows with strided 1-D convolutions.
+
+    The encoder halves the sequence length at each of its layers (channels
+    ``hidden_dims`` then ``encoding_dim``); the decoder mirrors it with transposed
+    convolutions and restores the exact length for any ``sequence_length``.
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        sequence_length: int,
+        hidden_dims: Sequence[int],
+        encoding_dim: int,
+        kernel_size: int,
+    ) -> None:
+        super().__init__()
+        self.n_features = n_features
+        self.sequence_length = sequence_length
+        self.hidden_dims = list(hidden_dims)
+        self.encoding_dim = encoding_dim
+        self.kernel_size = kernel_size
+        channels = [n_features, *hidden_dims, encoding_dim]
+        pad = kernel_size // 2
+        lengths = [sequence_length]
+        encoder: list[nn.Module] = []
+        for a, b in itertools.pairwise(channels):
+            encoder += [nn.Conv1d(a, b, kernel_size, stride=2, padding=pad), nn.ReLU()]
+            lengths.append((lengths[-1] + 2 * pad - kernel_size) // 2 + 1)
+        decoder: list[nn.Module] = []
+        back = [*channels[:0:-1], channels[1]]  # code -> ... -> first hidden
+        for i, (a, b) in enumerate(itertools.pairwise(back)):
+            target = lengths[-2 - i]
+            natural = (lengths[-1 - i] - 1) * 2 - 2 * pad + kernel_size
+            decoder += [
+                nn.ConvTranspose1d(
+                    a, b, kernel_size, 2, pad, output_padding=target - natural
+                ),
+                nn.ReLU(),
+            ]
+        decoder.append(nn.Conv1d(channels[1], n_features, 1))
+        self.encoder = nn.Sequential(*encoder)
+        self.decoder = nn.Sequential(*decoder)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, length, features)
+        code = self.encoder(x.transpose(1, 2))  # (batch, encoding_dim, length / 2^k)
+        return self.decoder(code).transpose(1, 2)  # (batch, length, features)
+
+    def arguments(self) -> dict[str, Any]:
+        """The constructor's arguments, as stored in ``detector.json``."""
+        return {
+            "n_features": self.n_features,
+            "sequence_length": self.sequence_length,
+            "hidden_dims": self.hidden_dims,
+            "encoding_dim": self.encoding_dim,
+            "kernel_size": self.kernel_size,
+        }
+
+
+def fit_pca(z: np.ndarray, variance: float) -> tuple[dict[str, np.ndarray], int]:
+    """Principal components keeping ``variance`` of the reference variance."""
+    mean = z.mean(axis=0, keepdims=True)
+    _, s, vt = np.linalg.svd(z - mean, full_matrices=False)
+    explained = np.cumsum(s**2) / max(float(np.sum(s**2)), 1e-12)
+    k = int(min(np.searchsorted(explained, variance) + 1, vt.shape[0]))
+    model = {"mean": mean.astype(np.float32), "components": vt[:k].astype(np.float32)}
+    return model, k
+
+
+def pca_reconstruct(model: dict[str, np.ndarray], z: np.ndarray) -> np.ndarray:
+    mean, components = model["mean"], model["components"]
+    return (z - mean) @ components.T @ components + mean
+
+
+def average_path_length(n: np.ndarray) -> np.ndarray:
+    """Expected path length of an unsuccessful search in a tree of ``n`` points."""
+    n = np.asarray(n, dtype=np.float64)
+    safe = np.maximum(n, 3.0)
+    c = 2.0 * (np.log(safe - 1.0) + np.euler_gamma) - 2.0 * (safe - 1.0) / safe
+    return np.where(n <= 1, 0.0, np.where(n == 2, 1.0, c))
+
+
+class IsolationTrees:
+    """A fitted Isolation Forest as arrays: scored with numpy, saved as tensors.
+
+    ``feature``, ``threshold``, ``left``, ``right`` and ``leaf_length`` are
+    (trees, nodes) arrays padded with leaves; ``leaf_length`` is a leaf's depth
+    plus the expected remaining path length of the points it holds. The score is
+    ``2 ** (-mean path length / c(max_samples))`` as in the original paper: near 1
+    for isolated points, about 0.5 and below for ordinary ones.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], normaliser: float) -> None:
+        self.arrays = arrays
+        self.normaliser = normaliser
+
+    @classmethod
+    def fit(
+        cls, z: np.ndarray, *, n_trees: int, max_samples: int, seed: int
+    ) -> IsolationTrees:
+        from sklearn.ensemble import IsolationForest
+
+        forest = IsolationForest(
+            n_estimators=n_trees,
+            max_samples=min(max_samples, len(z)),
+            random_state=seed,
+        ).fit(z)
+        trees = [estimator.tree_ for estimator in forest.estimators_]
+        width = max(t.node_count for t in trees)
+        arrays = {
+            "feature": np.full((len(trees), width), -1, dtype=np.int64),
+            "threshold": np.zeros((len(trees), width)),
+            "left": np.zeros((len(trees), width), dtype=np.int64),
+            "right": np.zeros((len(trees), width), dtype=np.int64),
+            "leaf_length": np.zeros((len(trees), width)),
+        }
+        for i, tree in enumerate(trees):
+            n = tree.node_count
+            split = tree.children_left[:n] >= 0
+            arrays["feature"][i, :n] = np.where(split, tree.feature[:n], -1)
+            arrays["threshold"][i, :n] = tree.threshold[:n]
+            arrays["left"][i, :n] = np.where(split, tree.children_left[:n], 0)
+            arrays["right"][i, :n] = np.where(split, tree.children_right[:n], 0)
+            arrays["leaf_length"][i, :n] = _node_depths(tree) + average_path_length(
+                tree.n_node_samples[:n]
+            )
+        normaliser = float(average_path_length(np.array([forest.max_samples_]))[0])
+        return cls(arrays, normaliser)
+
+    def score(self, z: np.ndarray) -> np.ndarray:
+        """Anomaly score per row, in (0, 1]. (rows,)"""
+        a = self.arrays
+        x = z.astype(np.float32)  # the trees split float32 values
+        rows = np.arange(len(x))
+        total = np.zeros(len(x))
+        for t in range(a["feature"].shape[0]):
+            node = np.zeros(len(x), dtype=np.int64)
+            feature = a["feature"][t]
+            while True:
+                split = feature[node] >= 0
+                if not split.any():
+                    break
+                f = np.where(split, feature[node], 0)
+                go_left = x[rows, f] <= a["threshold"][t][node]
+                child = np.where(go_left, a["left"][t][node], a["right"][t][node])
+                node = np.where(split, child, node)
+            total += a["leaf_length"][t][node]
+        mean = total / a["feature"].shape[0]
+        return np.power(2.0, -mean / max(self.normaliser, 1e-12))
+
+
+def _node_depths(tree: Any) -> np.ndarray:
+    depth = np.zeros(tree.node_count)
+    for node in range(tree.node_count):  # parents come before their children
+        for child in (tree.children_left[node], tree.children_right[node]):
+            if child >= 0:
+                depth[child] = depth[node] + 1
+    return depth

@@ -1,0 +1,179 @@
+"""Labelled metrics on hand-computed cases, the degenerate label columns, the report."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import polars as pl
+import pytest
+
+from sagewatch.evaluation import (
+    comparison_rows,
+    evaluate,
+    event_metrics,
+    labelled_metrics,
+    render_html,
+)
+
+# Six rows: tp at 0 and 5, fn at 1, fp at 2, tn at 3 and 4.
+LABEL = np.array([1, 1, 0, 0, 0, 1])
+FLAGGED = np.array([1, 0, 1, 0, 0, 1])
+SCORE = np.array([0.9, 0.4, 0.8, 0.1, 0.2, 0.7])
+
+
+def test_labelled_metrics_hand_computed() -> None:
+    m = labelled_metrics(LABEL, SCORE, FLAGGED)
+
+    assert m["confusion"] == {"tp": 2, "fp": 1, "fn": 1, "tn": 2}
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / (2 + (1 + 1) / 2))
+    assert m["far"] == pytest.approx(100 / 3)
+    assert m["mar"] == pytest.approx(100 / 3)
+    # Ranked scores: + - + + - -. AP = 1/3 * (1 + 2/3 + 3/4).
+    assert m["pr_auc"] == pytest.approx((1 + 2 / 3 + 3 / 4) / 3)
+    # Positive-negative pairs ordered correctly: 3 + 2 + 2 of 9.
+    assert m["roc_auc"] == pytest.approx(7 / 9)
+    assert "undefined" not in m
+
+
+def test_labelled_metrics_skab_f1_equals_harmonic_mean() -> None:
+    m = labelled_metrics(
+        np.array([1, 1, 1, 1, 0, 0, 0, 0]),
+        np.zeros(8),
+        np.array([1, 1, 1, 0, 1, 1, 0, 0]),
+    )
+
+    precision, recall = 3 / 5, 3 / 4
+    assert m["f1"] == pytest.approx(2 * precision * recall / (precision + recall))
+
+
+def test_labelled_metrics_no_positives_are_undefined_not_zero() -> None:
+    m = labelled_metrics(np.zeros(4), np.array([0.1, 0.5, 0.2, 0.9]), [0, 1, 0, 1])
+
+    assert m["far"] == pytest.approx(50.0)
+    assert m["precision"] == 0.0
+    for key in ("recall", "f1", "mar", "pr_auc", "roc_auc"):
+        assert m[key] is None, key
+    assert "no labelled anomalies" in m["undefined"][0]
+
+
+def test_labelled_metrics_all_positives() -> None:
+    m = labelled_metrics(np.ones(4), np.array([0.1, 0.5, 0.2, 0.9]), [0, 1, 1, 1])
+
+    assert m["recall"] == pytest.approx(0.75)
+    assert m["mar"] == pytest.approx(25.0)
+    assert m["f1"] == pytest.approx(3 / (3 + 0.5))
+    assert m["far"] is None and m["pr_auc"] is None and m["roc_auc"] is None
+    assert "every row is labelled anomalous" in m["undefined"][0]
+
+
+def test_labelled_metrics_nothing_flagged() -> None:
+    m = labelled_metrics(np.array([0, 1]), np.array([0.1, 0.9]), np.zeros(2))
+
+    assert m["precision"] is None
+    assert m["recall"] == 0.0 and m["f1"] == 0.0 and m["mar"] == 100.0
+    assert m["pr_auc"] == pytest.approx(1.0)
+    assert any("no row is flagged" in u for u in m["undefined"])
+
+
+def test_labelled_metrics_empty() -> None:
+    m = labelled_metrics(np.array([]), np.array([]), np.array([]))
+
+    assert m["n_rows"] == 0
+    assert all(m[k] is None for k in ("precision", "recall", "f1", "far", "mar"))
+
+
+def test_event_metrics_segments_per_entity() -> None:
+    entity = np.array(["a"] * 6 + ["b"] * 4)
+    label = np.array([0, 1, 1, 0, 1, 1, 1, 1, 0, 1])
+    flagged = np.array([0, 0, 1, 0, 0, 0, 0, 1, 0, 0])
+
+    m = event_metrics(entity, label, flagged)
+
+    # Segments a[1:3], a[4:6], b[6:8] (split at the entity change), b[9:10].
+    assert m["n_events"] == 4
+    assert m["events_detected"] == 2
+    assert m["event_recall"] == pytest.approx(0.5)
+    assert m["mean_detection_delay"] == pytest.approx(1.0)
+
+
+def test_event_metrics_alarm_outside_segment_does_not_count() -> None:
+    m = event_metrics(np.array(["a"] * 5), [0, 1, 1, 0, 0], [1, 0, 0, 1, 1])
+
+    assert m["n_events"] == 1 and m["events_detected"] == 0
+    assert m["event_recall"] == 0.0
+    assert m["mean_detection_delay"] is None
+
+
+def test_event_metrics_no_events() -> None:
+    m = event_metrics(np.array(["a", "a"]), np.zeros(2), np.ones(2))
+
+    assert m == {
+        "n_events": 0,
+        "events_detected": 0,
+        "event_recall": None,
+        "mean_detection_delay": None,
+    }
+
+
+def _scores(label: list[int], in_reference: list[int] | None = None) -> pl.DataFrame:
+    n = len(label)
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    return pl.DataFrame(
+        {
+            "timestamp": [start + timedelta(minutes=i) for i in range(n)],
+            "machine_id": ["m1"] * n,
+            "anomaly_score": np.linspace(0.1, 1.0, n),
+            "threshold": [0.5] * n,
+            "is_anomaly": [int(v > 0.5) for v in np.linspace(0.1, 1.0, n)],
+            "top_sensor": ["s1"] * n,
+            "in_reference": in_reference or [0] * n,
+            "label": label,
+        },
+        schema_overrides={"is_anomaly": pl.Int8, "in_reference": pl.Int8},
+    )
+
+
+def test_evaluate_all_zero_label_column_reports_undefined() -> None:
+    report = evaluate(_scores([0] * 10))
+
+    metrics = report["metrics"]
+    assert metrics["n_positive"] == 0
+    assert metrics["f1"] is None and metrics["pr_auc"] is None
+    assert metrics["event_recall"] is None
+    assert metrics["far"] == pytest.approx(50.0)
+    page = render_html(_scores([0] * 10), report)
+    assert "undefined" in page
+
+
+def test_evaluate_leaves_out_reference_rows() -> None:
+    report = evaluate(_scores([0, 0, 0, 0, 1, 1], in_reference=[1, 1, 0, 0, 0, 0]))
+
+    assert report["evaluated_rows"] == 4
+    assert report["metrics"]["n_rows"] == 4
+    assert report["metrics"]["n_positive"] == 2
+
+
+def test_comparison_rows_put_this_run_first() -> None:
+    report = evaluate(_scores([0, 0, 1, 1]))
+    report["context"] = {
+        "detector": "autoencoder",
+        "comparison": [{"detector": "pca", "f1": 0.5, "pr_auc": 0.7, "seconds": 1.0}],
+    }
+
+    rows = comparison_rows(report)
+
+    assert [r["detector"] for r in rows] == ["autoencoder (this run)", "pca"]
+    assert rows[0]["f1"] == report["metrics"]["f1"]
+    assert "seconds" not in rows[1]
+    assert "Detectors side by side" in render_html(_scores([0, 0, 1, 1]), report)
+
+
+def test_comparison_rows_empty_without_labels() -> None:
+    scores = _scores([0, 0]).drop("label")
+    report = evaluate(scores)
+    report["context"] = {"comparison": [{"detector": "pca", "f1": 0.5}]}
+
+    assert comparison_rows(report) == []

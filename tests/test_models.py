@@ -1,0 +1,101 @@
+"""Scaler, sequence windows, the convolutional autoencoder and the array forest."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sagewatch.errors import NotFittedError
+from sagewatch.models import (
+    ConvAutoencoder,
+    IsolationTrees,
+    Scaler,
+    average_path_length,
+    window_index,
+)
+
+
+def test_scaler_centres_each_entity_with_a_pooled_spread() -> None:
+    x = np.array([[1.0], [3.0], [11.0], [13.0]])
+    entity = np.array(["a", "a", "b", "b"])
+
+    scaler = Scaler().fit(x, entity)
+
+    assert scaler.entity_center_["a"] == pytest.approx([2.0])
+    assert scaler.entity_center_["b"] == pytest.approx([12.0])
+    assert scaler.scale_ == pytest.approx([1.0])  # every row is 1 from its centre
+    z = scaler.transform(np.array([[4.0], [12.0], [7.0]]), np.array(["a", "b", "c"]))
+    # Unknown entity "c" is measured from the pooled centre, 7.
+    assert z[:, 0].tolist() == pytest.approx([2.0, 0.0, 0.0])
+
+
+def test_scaler_global_centre() -> None:
+    x = np.array([[1.0], [3.0], [11.0], [13.0]])
+
+    scaler = Scaler(per_entity=False).fit(x, np.array(["a", "a", "b", "b"]))
+
+    assert scaler.entity_center_ == {}
+    assert scaler.center_ == pytest.approx([7.0])
+    assert scaler.scale_ == pytest.approx([np.sqrt((36 + 16 + 16 + 36) / 4)])
+
+
+def test_scaler_constant_feature_gets_a_floor_not_a_blow_up() -> None:
+    x = np.full((10, 1), 96.0)
+
+    scaler = Scaler().fit(x, np.array(["a"] * 10))
+    z = scaler.transform(np.array([[93.0]]), np.array(["a"]))
+
+    assert scaler.scale_[0] == pytest.approx(0.096)
+    assert z[0, 0] == pytest.approx(-31.25)
+
+
+def test_scaler_not_fitted() -> None:
+    with pytest.raises(NotFittedError):
+        Scaler().transform(np.zeros((1, 1)), np.array(["a"]))
+
+
+def test_window_index_repeats_the_first_row_and_stops_at_entities() -> None:
+    entity = np.array(["a", "a", "a", "b", "b"])
+
+    index = window_index(entity, 3)
+
+    assert index.tolist() == [
+        [0, 0, 0],
+        [0, 0, 1],
+        [0, 1, 2],
+        [3, 3, 3],
+        [3, 3, 4],
+    ]
+
+
+@pytest.mark.parametrize("length", [2, 7, 16, 33])
+def test_autoencoder_restores_any_sequence_length(length: int) -> None:
+    model = ConvAutoencoder(5, length, [8, 4], 3, 5)
+
+    out = model(torch.zeros(2, length, 5))
+
+    assert out.shape == (2, length, 5)
+
+
+def test_average_path_length_small_trees() -> None:
+    c = average_path_length(np.array([0, 1, 2, 3, 256]))
+
+    assert c[:3].tolist() == [0.0, 0.0, 1.0]
+    assert c[3] == pytest.approx(2 * (np.log(2) + np.euler_gamma) - 4 / 3)
+    assert c[4] == pytest.approx(2 * (np.log(255) + np.euler_gamma) - 2 * 255 / 256)
+
+
+def test_isolation_trees_score_like_scikit_learn() -> None:
+    from sklearn.ensemble import IsolationForest
+
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(300, 4)).astype(np.float32)
+    test = np.vstack([rng.normal(size=(50, 4)), rng.normal(6, 1, size=(5, 4))])
+
+    trees = IsolationTrees.fit(train, n_trees=20, max_samples=64, seed=5)
+    forest = IsolationForest(n_estimators=20, max_samples=64, random_state=5)
+    expected = -forest.fit(train).score_samples(test)
+
+    assert trees.score(test) == pytest.approx(expected, abs=1e-12)
+    assert trees.score(test)[-5:].min() > trees.score(test)[:50].max()
