@@ -2,7 +2,7 @@
 
 An outcome is either the error (its whole text: file, line, entity, column, what was
 found and what was expected) or the repaired table with the counts the data-quality
-summary reports. docs/input-rules.md lists the same rules as one table.
+summary reports. The README's "Input rules" section lists the same rules as one table.
 """
 
 from __future__ import annotations
