@@ -190,7 +190,7 @@ def pandas_pipeline(
 
     detector = Detector.load(model_dir)
     x = feats[detector.feature_names_].to_numpy()
-    errors = detector.errors(x)
+    errors = detector.errors(x, feats["machine_id"].to_numpy())
     per_sensor = pd.DataFrame(
         {
             s: errors[
@@ -297,8 +297,9 @@ def bench_size(
             f"{stage['peak_rss_gib']:.2f} GiB"
         )
     stages["train"]["train_rows"] = training["n_train"]
-    stages["train"]["epochs_run"] = training["epochs_run"]
-    stages["train"]["fit_samples_per_s"] = training["samples_per_second"]
+    members = training.get("members", [training])  # one summary per ensemble member
+    stages["train"]["epochs_run"] = sum(m["epochs_run"] for m in members)
+    stages["train"]["fit_samples_per_s"] = members[0]["samples_per_second"]
     return {"rows": rows, "dir": base, "stages": stages}
 
 
@@ -355,7 +356,8 @@ def default_run(workdir: Path, env: dict[str, str]) -> dict[str, Any]:
         "--config",
         str(ROOT / "config.yaml"),
     ]
-    result = measure("cli", args, workdir, env)
+    plain = {k: v for k, v in env.items() if k not in {"EPOCHS", "BATCH_SIZE"}}
+    result = measure("cli", args, workdir, plain)
     print(f"default `sagewatch run`: {result['seconds']:.1f} s")
     return result
 
