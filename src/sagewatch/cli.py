@@ -270,16 +270,9 @@ def _print_summary(result: Any) -> None:
     )
     metrics = report.get("metrics")
     if metrics:
-        for key in (
-            "precision",
-            "recall",
-            "f1",
-            "far",
-            "mar",
-            "pr_auc",
-            "roc_auc",
-            "event_recall",
-        ):
+        from sagewatch.evaluation import METRIC_KEYS
+
+        for key in METRIC_KEYS[:-1]:  # all but the delay, which is in rows
             value = metrics.get(key)
             unit = " %" if key in {"far", "mar"} else ""
             click.echo(

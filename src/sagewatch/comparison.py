@@ -15,7 +15,7 @@ from typing import Any
 import polars as pl
 
 from sagewatch.config import Settings
-from sagewatch.evaluation import evaluate
+from sagewatch.evaluation import METRIC_KEYS, evaluate
 from sagewatch.schema import LABEL
 from sagewatch.scoring import score_features
 from sagewatch.training import fit_detector
@@ -23,17 +23,7 @@ from sagewatch.training import fit_detector
 log = logging.getLogger(__name__)
 
 KINDS = ("autoencoder", "pca", "iforest")
-METRICS = (
-    "precision",
-    "recall",
-    "f1",
-    "far",
-    "mar",
-    "pr_auc",
-    "roc_auc",
-    "event_recall",
-    "mean_detection_delay",
-)
+METRICS = METRIC_KEYS
 
 
 def metrics_row(detector: str, report: dict[str, Any], seconds: float | None) -> dict:

@@ -29,6 +29,18 @@ from sagewatch.schema import ENTITY, LABEL, TIMESTAMP
 
 log = logging.getLogger(__name__)
 
+# The labelled metrics people read, in the order the report and the CLI show them.
+METRIC_KEYS = (
+    "precision",
+    "recall",
+    "f1",
+    "far",
+    "mar",
+    "pr_auc",
+    "roc_auc",
+    "event_recall",
+    "mean_detection_delay",
+)
 REPORT_JSON = "evaluation_report.json"
 REPORT_HTML = "evaluation_report.html"
 
@@ -350,18 +362,7 @@ def _quality_section(quality: dict[str, Any] | None) -> str:
 def _metrics_table(metrics: dict[str, Any] | None) -> str:
     if not metrics:
         return "<p>No labels in the input: labelled metrics are not available.</p>"
-    keys = [
-        "precision",
-        "recall",
-        "f1",
-        "far",
-        "mar",
-        "pr_auc",
-        "roc_auc",
-        "event_recall",
-        "mean_detection_delay",
-    ]
-    rows = [{"metric": k, "value": _fmt(metrics.get(k))} for k in keys]
+    rows = [{"metric": k, "value": _fmt(metrics.get(k))} for k in METRIC_KEYS]
     notes = "".join(f"<p>{html.escape(u)}</p>" for u in metrics.get("undefined", []))
     return "<h2>Labelled metrics (FAR and MAR in %)</h2>" + _table(rows) + notes
 
