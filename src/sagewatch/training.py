@@ -107,6 +107,13 @@ def fit_autoencoder(
                 log.info("early stop after epoch %d (best epoch %d)", epoch, best_epoch)
                 break
     bar.close()
+    still_improving = best_epoch == len(history) == settings.epochs
+    if still_improving:
+        log.info(
+            "validation loss still falling at the last epoch (%d); the model may be "
+            "under-trained: raise epochs",
+            settings.epochs,
+        )
     seconds = time.perf_counter() - started
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -114,6 +121,7 @@ def fit_autoencoder(
         "seed": seed,
         "epochs_run": len(history),
         "best_epoch": best_epoch,
+        "stopped_at_epoch_limit": still_improving,
         "best_val_loss": best_loss,
         "n_train": len(train_idx),
         "n_val": len(val_idx),
