@@ -476,6 +476,16 @@ def _run_job(plan: Any, settings: Settings, *, wait: bool) -> dict[str, Any]:
     )
 
 
+def _submit(
+    job: Any, settings: Settings, *, plan: bool, no_wait: bool
+) -> dict[str, Any] | None:
+    """Print the planned requests (``--plan``: None) or submit and follow the job."""
+    if plan:
+        click.echo(job.to_json(), nl=False)
+        return None
+    return _run_job(job, settings, wait=not no_wait)
+
+
 @sagemaker_group.command("features")
 @click.option(
     "--input",
@@ -510,10 +520,8 @@ def sagemaker_features(
         output_uri=output_uri,
         strict=not plan,
     )
-    if plan:
-        click.echo(job.to_json(), nl=False)
+    if _submit(job, settings, plan=plan, no_wait=no_wait) is None:
         return
-    _run_job(job, settings, wait=not no_wait)
     output = job.request["ProcessingOutputConfig"]["Outputs"][0]["S3Output"]["S3Uri"]
     click.echo(f"features: {output}")
 
@@ -552,10 +560,9 @@ def sagemaker_train(
         output_uri=output_uri,
         strict=not plan,
     )
-    if plan:
-        click.echo(job.to_json(), nl=False)
+    result = _submit(job, settings, plan=plan, no_wait=no_wait)
+    if result is None:
         return
-    result = _run_job(job, settings, wait=not no_wait)
     model = result.get("ModelArtifacts", {}).get("S3ModelArtifacts")
     if model:
         click.echo(f"model: {model}")
@@ -623,10 +630,8 @@ def sagemaker_score(
         output_uri=output_uri,
         strict=not plan,
     )
-    if plan:
-        click.echo(job.to_json(), nl=False)
+    if _submit(job, settings, plan=plan, no_wait=no_wait) is None:
         return
-    _run_job(job, settings, wait=not no_wait)
     output = job.request["ProcessingOutputConfig"]["Outputs"][0]["S3Output"]["S3Uri"]
     click.echo(f"scores: {output}")
 
