@@ -137,3 +137,21 @@ def test_training_refuses_features_with_missing_values(
     with pytest.raises(InputError, match=r"rpm__mean \(400 rows\)"):
         stage_train(small_settings, str(tmp_path / "features"), str(tmp_path / "m2"))
     assert not (tmp_path / "m2").exists()
+
+
+def test_warm_up_rows_of_each_entity_are_scored_but_never_flagged(
+    tmp_path: Path, small_settings
+) -> None:
+    from sagewatch.detector import Detector
+
+    run(small_settings, data_dir=str(tmp_path))
+    detector = Detector.load(str(tmp_path / "model"))
+    assert detector.feature_window_ == 12
+    assert detector.warmup_rows == 11 + detector.context_rows
+
+    scores = pl.read_csv(tmp_path / "scores" / "anomaly_scores.csv")
+    position = pl.int_range(pl.len()).over("machine_id")
+    warm = scores.filter(position < detector.warmup_rows)
+    assert warm.height == 2 * detector.warmup_rows
+    assert warm["is_anomaly"].sum() == 0
+    assert (warm["anomaly_score"] > detector.threshold_).any()  # scored as usual

@@ -101,6 +101,16 @@ class Detector:
         window = s.sequence_length - 1 if s.detector == "autoencoder" else 0
         return window + s.alarm_window - 1
 
+    @property
+    def warmup_rows(self) -> int:
+        """First rows of an entity whose features or sequence are still incomplete.
+
+        They are scored but never flagged: a rolling window of fewer rows than
+        ``rolling_window`` (or a sequence padded at the entity's start) looks
+        unusual for reasons that have nothing to do with the machine.
+        """
+        return getattr(self, "feature_window_", 1) - 1 + self.context_rows
+
     # ------------------------------------------------------------------ fitting
 
     def fit(
@@ -338,6 +348,7 @@ class Detector:
             "alarm": self.alarm_rule_,
             "training": self.training_,
             "reference_end": getattr(self, "reference_end_", {}),
+            "feature_window": getattr(self, "feature_window_", 1),
             "model_settings": self.settings.model_dump(mode="json"),
             "weights_sha256": hashlib.sha256(weights).hexdigest(),
             "versions": _versions(),
@@ -425,6 +436,7 @@ class Detector:
         self.alarm_rule_ = dict(meta["alarm"])
         self.training_ = meta.get("training", {})
         self.reference_end_ = dict(meta.get("reference_end", {}))
+        self.feature_window_ = int(meta.get("feature_window", 1))
         arch = dict(meta["architecture"])
         arrays = {k: v.numpy() for k, v in state.items()}
         if meta["kind"] == "autoencoder":

@@ -49,11 +49,16 @@ def score_features(
     progress: bool = False,
     passthrough: Sequence[str] = SCORE_PASSTHROUGH,
     log_summary: bool = True,
+    continued: tuple[str, int] | None = None,
 ) -> pl.DataFrame:
     """Score every row of a features table with a fitted detector.
 
     Each block carries the detector's context rows, so the scores of a table cut
     into chunks are bit for bit those of the whole table.
+
+    The first ``detector.warmup_rows`` rows of each entity are never flagged (their
+    windows are incomplete). ``continued`` = ``(entity, rows)`` says that entity's
+    first row here is its row number ``rows`` (a chunk that starts inside it).
 
     Raises:
         SchemaMismatchError: the table lacks features the detector needs.
@@ -90,7 +95,7 @@ def score_features(
     out = features.select(TIMESTAMP, ENTITY).with_columns(
         pl.Series("anomaly_score", scores),
         pl.lit(threshold, dtype=pl.Float64).alias("threshold"),
-        pl.Series("is_anomaly", detector.alarms(scores, entity)),
+        pl.Series("is_anomaly", _flags(features, detector, scores, continued)),
         sensors.gather(top),
         _in_reference(features, getattr(detector, "reference_end_", None)),
     )
@@ -106,6 +111,26 @@ def score_features(
         100.0 * float(out["is_anomaly"].mean() or 0.0),
     )
     return out
+
+
+def _flags(
+    features: pl.DataFrame,
+    detector: Detector,
+    scores: np.ndarray,
+    continued: tuple[str, int] | None,
+) -> np.ndarray:
+    """The alarm rule, silenced on each entity's warm-up rows."""
+    entity = features[ENTITY].cast(pl.String).to_numpy()
+    flags = np.asarray(detector.alarms(scores, entity), dtype=np.int8)
+    warmup = detector.warmup_rows
+    if warmup <= 0:
+        return flags
+    position = features.select(pl.int_range(pl.len()).over(ENTITY)).to_numpy()[:, 0]
+    if continued is not None:
+        name, offset = continued
+        position = np.where(entity == name, position + offset, position)
+    warm = position < warmup
+    return np.where(warm, 0, flags).astype(np.int8)
 
 
 def _in_reference(

@@ -834,6 +834,7 @@ def _stream_scores(
     result = ScoresResult()
     bar = Progress("score", total, show=progress)
     carry: pl.DataFrame | None = None
+    scored: Counter[str] = Counter()  # rows scored so far per entity
     with contextlib.ExitStack() as stack:
         sinks = [
             stack.enter_context(_TableSink(storage.join(output_dir, name)))
@@ -845,9 +846,15 @@ def _stream_scores(
             if context and chunk.continues and carry is not None:
                 lead = carry.height
                 frame = _concat([carry, frame])
+            first = str(frame[ENTITY][0])
             scores = score_features(
-                frame, detector, source=features_uri, log_summary=False
+                frame,
+                detector,
+                source=features_uri,
+                log_summary=False,
+                continued=(first, scored[first] - lead) if chunk.continues else None,
             ).slice(lead)
+            scored.update(chunk.frame[ENTITY].cast(pl.String).to_list())
             if context:
                 carry = _entity_tail(frame, context)
             for sink in sinks:

@@ -221,6 +221,7 @@ def fit_detector(
         x, entity, feature_columns, validation=is_val, progress=progress
     )
     ends = ref.group_by(ENTITY, maintain_order=True).agg(pl.col(TIMESTAMP).max())
+    detector.feature_window_ = settings.features.rolling_window
     detector.reference_end_ = {
         e: t.isoformat() for e, t in zip(ends[ENTITY], ends[TIMESTAMP], strict=True)
     }
