@@ -144,6 +144,27 @@ def _plan(
     return JobPlan(operation, request, tuple(uploads), empty, target.placeholders)
 
 
+def _prepare(
+    settings: Settings,
+    *,
+    strict: bool,
+    bundle: SourceBundle | None,
+    input_uri: str | None,
+    default: str,
+) -> tuple[Target, dict[str, str], Upload, str, list[Upload]]:
+    """What every job plan starts from: target, locations, code and input uploads."""
+    target = resolve_target(settings, strict=strict)
+    where = locations(settings, target)
+    code = code_upload(settings, target, bundle or build_source_bundle())
+    source, uploads = _sources(settings, target, input_uri, default)
+    return target, where, code, source, uploads
+
+
+def _folder(uri: str) -> str:
+    """The S3 folder holding ``uri`` (Processing inputs take folders)."""
+    return uri.rsplit("/", 1)[0] + "/"
+
+
 def plan_features(
     settings: Settings,
     *,
@@ -154,16 +175,15 @@ def plan_features(
     bundle: SourceBundle | None = None,
 ) -> JobPlan:
     """The features Processing job; local input is uploaded under ``raw/``."""
-    target = resolve_target(settings, strict=strict)
-    where = locations(settings, target)
-    code = code_upload(settings, target, bundle or build_source_bundle())
-    source, uploads = _sources(settings, target, input_uri, "raw")
+    target, where, code, source, uploads = _prepare(
+        settings, strict=strict, bundle=bundle, input_uri=input_uri, default="raw"
+    )
     output = output_uri or where["features"]
     request = features_request(
         settings,
         target,
         job_name=check_job_name(job_name),
-        code_uri=code.uri.rsplit("/", 1)[0] + "/",
+        code_uri=_folder(code.uri),
         input_uri=source,
         output_uri=output,
     )
@@ -180,10 +200,13 @@ def plan_training(
     bundle: SourceBundle | None = None,
 ) -> JobPlan:
     """The Training job; the model lands in ``<output>/<job>/output/model.tar.gz``."""
-    target = resolve_target(settings, strict=strict)
-    where = locations(settings, target)
-    code = code_upload(settings, target, bundle or build_source_bundle())
-    source, uploads = _sources(settings, target, input_uri, "features")
+    target, where, code, source, uploads = _prepare(
+        settings,
+        strict=strict,
+        bundle=bundle,
+        input_uri=input_uri,
+        default="features",
+    )
     request = training_request(
         settings,
         target,
@@ -206,16 +229,19 @@ def plan_scoring(
     bundle: SourceBundle | None = None,
 ) -> JobPlan:
     """The batch-scoring Processing job for a ``model.tar.gz`` (or detector prefix)."""
-    target = resolve_target(settings, strict=strict)
-    where = locations(settings, target)
-    code = code_upload(settings, target, bundle or build_source_bundle())
-    source, uploads = _sources(settings, target, input_uri, "features")
+    target, where, code, source, uploads = _prepare(
+        settings,
+        strict=strict,
+        bundle=bundle,
+        input_uri=input_uri,
+        default="features",
+    )
     output = output_uri or where["scores"]
     request = score_request(
         settings,
         target,
         job_name=check_job_name(job_name),
-        code_uri=code.uri.rsplit("/", 1)[0] + "/",
+        code_uri=_folder(code.uri),
         features_uri=source,
         model_uri=model_uri,
         output_uri=output,
