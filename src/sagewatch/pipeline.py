@@ -24,7 +24,7 @@ from sagewatch.config import Settings
 from sagewatch.errors import InputError
 from sagewatch.evaluation import write_report
 from sagewatch.features import build_features, feature_names, sensors_of
-from sagewatch.schema import ENTITY, TIMESTAMP, Dataset, load_raw
+from sagewatch.schema import ENTITY, LABEL, TIMESTAMP, Dataset, load_raw
 from sagewatch.scoring import SCORE_COLUMNS
 from sagewatch.synthetic import generate
 
@@ -321,6 +321,13 @@ def stage_evaluate(
     return report, record
 
 
+def scores_columns(scores: pl.DataFrame | str) -> list[str]:
+    """Column names of a scores table in memory or at a URI (read lazily)."""
+    if isinstance(scores, pl.DataFrame):
+        return scores.columns
+    return storage.scan_table(scores).collect_schema().names()
+
+
 def read_features(uri: str) -> pl.DataFrame:
     """Read a features table (file or folder of parts) in canonical order.
 
@@ -398,14 +405,18 @@ def run(
     stages.append(score_record)
     from sagewatch.comparison import compare_detectors
 
-    if isinstance(features, str):  # streamed: the comparison needs the table
-        features = read_features(features)
     context = {
         "input": input_uri,
         "detector": settings.model.detector,
         "data_quality": stages[-3].details["quality"],
-        "comparison": compare_detectors(features, detector.feature_names_, settings),
+        "comparison": [],
     }
+    if LABEL in scores_columns(scores):  # only labelled data can be compared
+        if isinstance(features, str):  # streamed: the comparison needs the table
+            features = read_features(features)
+        context["comparison"] = compare_detectors(
+            features, detector.feature_names_, settings
+        )
     report, record = stage_evaluate(
         settings, scores, paths["evaluation"], context=context, progress=progress
     )
