@@ -21,6 +21,7 @@ Usage::
     python benchmarks/throughput.py                  # 1 M and 10 M rows
     python benchmarks/throughput.py 1e6 10e6 30e6    # memory flat with rows?
     python benchmarks/throughput.py 1e6 --skip-compare --epochs 3
+    python benchmarks/throughput.py 1e6 --config benchmarks/causal.yaml
 """
 
 from __future__ import annotations
@@ -276,14 +277,15 @@ def bench_size(
     print(f"[{rows:,} rows] data written in {time.perf_counter() - started:.1f} s")
 
     common = ["--rolling-window", str(args.window)]
+    config = ["--config", str(Path(args.config).resolve())] if args.config else []
     stages: dict[str, dict[str, Any]] = {}
     cli = ["-q", "features", "--input", str(raw), "--output-dir", str(base / "f")]
     stages["features"] = measure("cli", [*cli, *common], base, env)
     train = ["-q", "train", "--input", str(base / "f"), "--model-dir", str(base / "m")]
-    train += ["--epochs", str(args.epochs)]
+    train += ["--epochs", str(args.epochs), *config]
     stages["train"] = measure("cli", train, base, env)
     score = ["-q", "score", "--input", str(base / "f"), "--model-dir", str(base / "m")]
-    score += ["--output-dir", str(base / "s")]
+    score += ["--output-dir", str(base / "s"), *config]
     stages["score"] = measure("cli", score, base, env)
 
     meta = json.loads((base / "m" / "detector.json").read_text())
@@ -440,6 +442,9 @@ def main() -> None:
     parser.add_argument("--compare-rows", type=float, default=None)
     parser.add_argument("--skip-compare", action="store_true")
     parser.add_argument("--skip-run", action="store_true")
+    parser.add_argument(
+        "--config", default=None, help="settings file for train and score"
+    )
     parser.add_argument("--workdir", default=None, help="default: a temporary folder")
     parser.add_argument(
         "--json", default=str(ROOT / "benchmarks" / "results" / "throughput.json")

@@ -706,7 +706,7 @@ def test_artifact_of_another_format_version_is_refused(fitted, tmp_path: Path) -
     _edit_metadata(model, format_version=1, sagewatch_version="9.0.0")
     assert _artifact_error(model) == (
         f"{model}/detector.json: artifact format 1, this sagewatch 0.1.0 reads "
-        "format 2; retrain or use the version that wrote it (9.0.0)"
+        "format 3; retrain or use the version that wrote it (9.0.0)"
     )
 
 

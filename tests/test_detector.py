@@ -9,6 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from sagewatch import detector as detector_module
 from sagewatch.config import ModelSettings, Settings
 from sagewatch.detector import Detector
 from sagewatch.errors import ArtifactError, NotFittedError, SchemaMismatchError
@@ -18,7 +19,7 @@ from sagewatch.scoring import score_features
 from sagewatch.synthetic import generate
 from sagewatch.training import fit_detector
 
-KINDS = ("autoencoder", "pca", "iforest")
+KINDS = ("autoencoder", "pca", "iforest", "causal")
 FAST = {
     "sequence_length": 8,
     "hidden_dims": [8],
@@ -30,6 +31,10 @@ FAST = {
 
 
 def _model(kind: str, **extra: object) -> ModelSettings:
+    if kind == "causal":  # the autoencoder's causal architecture
+        return ModelSettings(
+            **{**FAST, "architecture": "causal", "hidden_dims": [8, 8], **extra}
+        )
     return ModelSettings(**{**FAST, "detector": kind, **extra})
 
 
@@ -68,12 +73,12 @@ def test_detector_save_load_gives_identical_scores(kind: str, tmp_path: Path) ->
     assert loaded.threshold_ == detector.threshold_
     assert loaded.context_rows == detector.context_rows
     meta = json.loads((tmp_path / "detector.json").read_text())
-    assert meta["kind"] == kind
+    assert meta["kind"] == ("autoencoder" if kind == "causal" else kind)
     assert meta["threshold"]["rule"] == "pot"
     assert meta["alarm"] == {"rule": "min_rows_of_window", "min_rows": 1, "window": 1}
 
 
-@pytest.mark.parametrize("kind", ["autoencoder", "pca"])
+@pytest.mark.parametrize("kind", ["autoencoder", "pca", "causal"])
 def test_detector_scores_an_outlier_above_normal_rows(kind: str) -> None:
     detector = _fitted(kind, epochs=30)
     x, entity = _reference(seed=2)
@@ -98,6 +103,42 @@ def test_iforest_scores_a_point_off_the_data_above_normal_rows() -> None:
 
     assert score[100] > np.quantile(score, 0.98)
     assert score[100] > 0.65  # ordinary rows score about 0.5 and below
+
+
+def test_causal_scores_do_not_depend_on_where_a_block_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(detector_module, "TILE_ROWS", 16)
+    detector = _fitted("causal")
+    x, entity = _reference(seed=3)
+    position = np.r_[np.arange(60), np.arange(60)]
+    whole, contributions = detector.score_rows(x, entity)
+    context = detector.context_rows
+    assert context == 12 + 7 + 15  # network, score window - 1, tile - 1
+
+    for start in (1, 17, 40, 61, 75, 100, 119):
+        lead = min(start, context)
+        part, part_contributions = detector.score_rows(
+            x[start - lead :], entity[start - lead :], position[start - lead :]
+        )
+        assert np.array_equal(part[lead:], whole[start:]), start
+        assert np.array_equal(part_contributions[lead:], contributions[start:])
+
+
+def test_causal_row_ignores_later_rows_and_rows_beyond_its_receptive_field() -> None:
+    detector = _fitted("causal")
+    x, entity = _reference(seed=3)
+    before = detector.score_samples(x, entity)
+    field = detector.receptive_field  # 12 + 7
+    assert field == 19
+
+    changed = x.copy()
+    changed[40] += 5.0  # entity a, row 40
+    after = detector.score_samples(changed, entity)
+
+    assert np.array_equal(after[:40], before[:40])  # earlier rows: untouched
+    assert (after[40 : 40 + field + 1] != before[40 : 40 + field + 1]).all()
+    assert np.array_equal(after[40 + field + 1 :], before[40 + field + 1 :])
 
 
 def test_detector_context_rows() -> None:
@@ -211,9 +252,8 @@ def test_same_seed_gives_identical_scores(small_settings: Settings) -> None:
 def test_attribution_names_the_sensor_with_the_injected_anomaly(
     kind: str, small_settings: Settings
 ) -> None:
-    settings = small_settings.with_overrides(
-        {**FAST, "detector": kind, "anomaly_fraction": 0.0, "epochs": 5}
-    )
+    model = _model(kind, epochs=5).model_dump()
+    settings = small_settings.with_overrides({**model, "anomaly_fraction": 0.0})
     features, columns = _synthetic_features(settings)
     detector, _ = fit_detector(features, columns, settings)
     raw = generate(settings.generate, seed=settings.model.seed)

@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from sagewatch import detector as detector_module
 from sagewatch import scoring, streaming
 from sagewatch.config import ModelSettings, Settings
 from sagewatch.detector import Detector
@@ -217,9 +218,9 @@ def test_interleaved_entities_are_refused_then_read_whole(tmp_path: Path) -> Non
     assert_frame_equal(_sorted(features), _sorted(_in_memory(settings, raw)))
 
 
-@pytest.fixture(params=["pca", "autoencoder"])
+@pytest.fixture(params=["pca", "autoencoder", "causal"])
 def fitted(
-    tmp_path: Path, request: pytest.FixtureRequest
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[Settings, str, Detector]:
     settings = Settings()
     raw = _write(_raw(), tmp_path / "raw" / "fleet.parquet")
@@ -230,7 +231,12 @@ def fitted(
     x = table.select(names).to_numpy()[:50]
     entity = table["machine_id"].to_numpy()[:50]
     held = np.arange(50) >= 40
-    model = ModelSettings(detector=request.param, epochs=2, hidden_dims=[8])
+    if request.param != "causal":
+        model = ModelSettings(detector=request.param, epochs=2, hidden_dims=[8])
+    else:
+        # Tiles of 8 rows, so chunks and tiles both cut the entities of 40 and 23.
+        monkeypatch.setattr(detector_module, "TILE_ROWS", 8)
+        model = ModelSettings(architecture="causal", epochs=2, hidden_dims=[8, 8])
     detector = Detector(model).fit(x, entity, names, validation=held)
     return settings, features_dir, detector
 

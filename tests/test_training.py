@@ -11,7 +11,7 @@ import torch
 
 from sagewatch.config import ModelSettings, ReferenceSettings, Settings
 from sagewatch.errors import InputError
-from sagewatch.models import window_index
+from sagewatch.models import ConvAutoencoder, window_index
 from sagewatch.training import (
     _held_out,
     fit_autoencoder,
@@ -101,13 +101,30 @@ def _data(rows: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return z, index[:48], index[48:]
 
 
+def _build() -> ConvAutoencoder:
+    return ConvAutoencoder(3, 4, [4], 2, 3)
+
+
+def test_training_sequences_validation_stride_counts_back_from_the_last() -> None:
+    entity = np.array(["a"] * 8)
+    held = np.array([0, 0, 0, 1, 1, 1, 1, 1], dtype=bool)
+    settings = ModelSettings(sequence_length=2, sequence_stride=4)
+
+    train, val = training_sequences(
+        window_index(entity, 2), held, settings, validation_stride=2
+    )
+
+    assert train.tolist() == [[0, 0]]
+    assert val.tolist() == [[2, 3], [4, 5], [6, 7]]  # ending at rows 3, 5 and 7
+
+
 def test_fit_autoencoder_is_deterministic_for_a_seed() -> None:
     z, train, val = _data()
     settings = ModelSettings(**SMALL)
 
-    first, summary = fit_autoencoder(z, train, val, settings, seed=3)
-    second, _ = fit_autoencoder(z, train, val, settings, seed=3)
-    other, _ = fit_autoencoder(z, train, val, settings, seed=4)
+    first, summary = fit_autoencoder(_build, z, train, val, settings, seed=3)
+    second, _ = fit_autoencoder(_build, z, train, val, settings, seed=3)
+    other, _ = fit_autoencoder(_build, z, train, val, settings, seed=4)
 
     for name, tensor in first.state_dict().items():
         assert torch.equal(tensor, second.state_dict()[name])
@@ -125,7 +142,7 @@ def test_fit_autoencoder_stops_early_without_improvement() -> None:
         **{**SMALL, "epochs": 20, "patience": 2, "learning_rate": 1e-12}
     )
 
-    _, summary = fit_autoencoder(z, train, val, settings, seed=0)
+    _, summary = fit_autoencoder(_build, z, train, val, settings, seed=0)
 
     assert summary["best_epoch"] == 1
     assert summary["epochs_run"] == 3

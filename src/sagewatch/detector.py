@@ -4,9 +4,10 @@ The detector follows scikit-learn's habits: ``__init__`` stores arguments, ``fit
 learns the attributes with a trailing underscore, and scoring before ``fit`` raises
 :class:`NotFittedError`. Three models share one interface:
 
-* ``autoencoder`` (default): a 1-D convolutional autoencoder (an ensemble over
-  seeds) reconstructing the ``sequence_length`` feature rows that end at each row;
-  the row's score is the mean squared error over that sequence.
+* ``autoencoder`` (default): a causal 1-D convolutional autoencoder (an ensemble
+  over seeds) that reconstructs each feature row from it and the
+  :attr:`Detector.receptive_field` rows before it; the row's score is the mean
+  squared error of its reconstruction.
 * ``pca``: squared error of the reconstruction from the principal components.
 * ``iforest``: Isolation Forest score.
 
@@ -24,14 +25,17 @@ The Isolation Forest is stored as its trees' arrays (see
 :class:`~sagewatch.models.IsolationTrees`), so no kind needs pickle.
 
 Notes:
-    The autoencoder's score averages the squared error over a sequence, so a
-    sustained deviation accumulates while isolated noise averages out; the price
-    is that an anomaly of one or two rows is diluted (by about 1/sequence_length)
-    and that the score stays raised for up to ``sequence_length - 1`` rows after
-    an anomaly ends. Isolation Forest splits on one feature at a time within the
-    reference range: a reading beyond the range of one sensor is isolated no
-    faster than the most extreme reference row, and with many features few
-    splits look at the one that moved. Entity centring needs the same entity
+    The autoencoder runs over each entity's rows in tiles of :data:`TILE_ROWS`
+    rows, each with the receptive field before it, aligned on the row number
+    within the entity; tiles go through the network in batches of a fixed size.
+    A row is therefore always computed in the same place of the same-shaped
+    tensor, and its score does not depend on where a block or chunk starts (the
+    caller passes the row numbers).
+
+    Isolation Forest splits on one feature at a time within the reference
+    range: a reading beyond the range of one sensor is isolated no faster than
+    the most extreme reference row, and with many features few splits look at
+    the one that moved. Entity centring needs the same entity
     names at scoring as in training; an unknown entity is measured from the
     pooled reference centre.
 """
@@ -49,12 +53,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from sagewatch import __version__, storage
 from sagewatch.config import ModelSettings
 from sagewatch.errors import ArtifactError, NotFittedError, SchemaMismatchError
 from sagewatch.features import SEPARATOR, sensor_of, sensors_of
 from sagewatch.models import (
+    CausalConvAutoencoder,
     ConvAutoencoder,
     IsolationTrees,
     Scaler,
@@ -66,12 +72,16 @@ from sagewatch.thresholds import alarms, pot_threshold, quantile_threshold
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 WEIGHTS = "weights.pt"
 METADATA = "detector.json"
-# Sequences go through the network in batches of exactly this many (zero-padded),
-# so a row's score does not depend on how the rows were cut into blocks.
+# Rows go through PCA in blocks of exactly this many (zero-padded), so a row's
+# score does not depend on how the rows were cut into blocks.
 _FORWARD_BATCH = 512
+# The autoencoder scores rows in tiles of TILE_ROWS rows aligned on the row number
+# within the entity, _TILE_BATCH tiles (zero-padded) per network call.
+TILE_ROWS = 256
+_TILE_BATCH = 32
 
 
 @contextlib.contextmanager
@@ -95,11 +105,40 @@ class Detector:
         self.settings = settings
 
     @property
-    def context_rows(self) -> int:
-        """Earlier rows of the same entity that a row's score and alarm depend on."""
+    def receptive_field(self) -> int:
+        """Earlier rows of the same entity that a row's score depends on."""
         s = self.settings
-        window = s.sequence_length - 1 if s.detector == "autoencoder" else 0
-        return window + s.alarm_window - 1
+        if s.detector != "autoencoder":
+            return 0
+        if s.architecture == "window":
+            return s.sequence_length - 1
+        return self.network_context + s.score_window - 1
+
+    @property
+    def _causal(self) -> bool:
+        s = self.settings
+        return s.detector == "autoencoder" and s.architecture == "causal"
+
+    @property
+    def network_context(self) -> int:
+        """Earlier rows that the autoencoder's reconstruction of a row sees."""
+        s = self.settings
+        if s.detector != "autoencoder":
+            return 0
+        if s.architecture == "window":
+            return s.sequence_length - 1
+        return 2 * sum((s.kernel_size - 1) * 2**i for i in range(len(s.hidden_dims)))
+
+    @property
+    def context_rows(self) -> int:
+        """Earlier rows of its entity to pass before a block so its scores are exact.
+
+        The receptive field and the alarm window, plus for the autoencoder the rows
+        back to the start of the row's tile.
+        """
+        s = self.settings
+        tile = TILE_ROWS - 1 if self._causal else 0
+        return self.receptive_field + tile + s.alarm_window - 1
 
     @property
     def warmup_rows(self) -> int:
@@ -109,7 +148,9 @@ class Detector:
         ``rolling_window`` (or a sequence padded at the entity's start) looks
         unusual for reasons that have nothing to do with the machine.
         """
-        return getattr(self, "feature_window_", 1) - 1 + self.context_rows
+        s = self.settings
+        feature_window = getattr(self, "feature_window_", 1)
+        return feature_window - 1 + self.receptive_field + s.alarm_window - 1
 
     # ------------------------------------------------------------------ fitting
 
@@ -145,7 +186,7 @@ class Detector:
         z = self.scaler_.transform(x, entity)
         with torch_threads(self.settings.threads):
             self.model_, self.training_ = self._fit_model(z, entity, held, progress)
-            scores, _ = self._score_scaled(z, entity)
+            scores, _ = self._score_scaled(z, entity, _positions(entity))
         calibration = scores[held] if held.any() else scores
         source = "held-out" if held.any() else "training"
         self.threshold_, self.threshold_rule_ = self._threshold(calibration, source)
@@ -174,16 +215,42 @@ class Detector:
             return trees, {"n_trees": s.iforest_trees, "n_train": len(train)}
         from sagewatch.training import fit_autoencoder, training_sequences
 
-        index = window_index(entity, s.sequence_length)
-        train_idx, val_idx = training_sequences(index, held, s)
+        causal = self._causal
+        context = self.network_context if causal else 0
+        index = window_index(entity, context + s.sequence_length)
+        train_idx, val_idx = training_sequences(
+            index, held, s, validation_stride=s.sequence_length if causal else 1
+        )
+        code = s.encoding_dim or (max(1, len(self.sensors_) // 2) if causal else 16)
+
+        def build() -> nn.Module:
+            if causal:
+                return CausalConvAutoencoder(
+                    z.shape[1], s.hidden_dims, code, s.kernel_size
+                )
+            return ConvAutoencoder(
+                z.shape[1], s.sequence_length, s.hidden_dims, code, s.kernel_size
+            )
+
         members, summaries = [], []
         for member in range(s.ensemble_size):
             model, summary = fit_autoencoder(
-                z, train_idx, val_idx, s, seed=s.seed + member, progress=progress
+                build,
+                z,
+                train_idx,
+                val_idx,
+                s,
+                context=context,
+                seed=s.seed + member,
+                progress=progress,
             )
             members.append(model)
             summaries.append(summary)
-        return members, {"members": summaries, "n_train": len(train_idx)}
+        return members, {
+            "members": summaries,
+            "n_train": len(train_idx),
+            "encoding_dim": code,
+        }
 
     def _threshold(
         self, scores: np.ndarray, source: str
@@ -223,17 +290,23 @@ class Detector:
             )
 
     def score_rows(
-        self, x: np.ndarray, entity: np.ndarray
+        self, x: np.ndarray, entity: np.ndarray, position: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Anomaly score (rows,) and per-feature contributions (rows, features)."""
+        """Anomaly score (rows,) and per-feature contributions (rows, features).
+
+        ``position`` gives each row's number within its entity (default: the rows
+        of each entity here are its first ones). A row's score is exact when the
+        :attr:`context_rows` rows of its entity before it are passed too.
+        """
         self._check_fitted()
         entity = np.asarray(entity).astype(str)
+        position = _positions(entity) if position is None else np.asarray(position)
         z = self.scaler_.transform(x, entity)
         with torch_threads(self.settings.threads):
-            return self._score_scaled(z, entity)
+            return self._score_scaled(z, entity, position)
 
     def _score_scaled(
-        self, z: np.ndarray, entity: np.ndarray
+        self, z: np.ndarray, entity: np.ndarray, position: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(self.model_, IsolationTrees):
             return self.model_.score(z), np.square(z, dtype=np.float64)
@@ -247,7 +320,10 @@ class Detector:
                 recon = pca_reconstruct(self.model_, block)[: len(rows)]
                 errors[start : start + len(rows)] = np.square(rows - recon)
             return errors.mean(axis=1), errors
-        errors = self._sequence_errors(z, entity)
+        if self._causal:
+            errors = self._row_errors(z, entity, position)
+        else:
+            errors = self._sequence_errors(z, entity)
         return errors.mean(axis=1), errors
 
     def _sequence_errors(self, z: np.ndarray, entity: np.ndarray) -> np.ndarray:
@@ -269,6 +345,38 @@ class Detector:
                     total += error.square().mean(dim=1).double()
                 out[start : start + len(rows)] = (total / len(self.model_)).numpy()
         return out
+
+    def _row_errors(
+        self, z: np.ndarray, entity: np.ndarray, position: np.ndarray
+    ) -> np.ndarray:
+        """Squared reconstruction error per feature, averaged over the members and
+        over the ``score_window`` rows ending at each row.
+
+        Rows are gathered into tiles (see the module Notes). (rows, features)
+        """
+        window = self.settings.score_window
+        skip = self.network_context  # rows whose own error is not needed
+        index, tile_of, offset = _tile_index(entity, position, self.receptive_field)
+        source = torch.from_numpy(np.ascontiguousarray(z))
+        errors = np.empty((len(index), TILE_ROWS, z.shape[1]), dtype=np.float64)
+        batch = torch.zeros((_TILE_BATCH, index.shape[1], z.shape[1]))
+        with torch.no_grad():
+            for start in range(0, len(index), _TILE_BATCH):
+                tiles = index[start : start + _TILE_BATCH]
+                batch.zero_()
+                batch[: len(tiles)] = source[torch.from_numpy(tiles)]
+                shape = (len(tiles), index.shape[1] - skip, z.shape[1])
+                total = torch.zeros(shape, dtype=torch.float64)
+                for member in self.model_:
+                    error = (member(batch) - batch)[: len(tiles), skip:]
+                    total += error.square().double()
+                total /= len(self.model_)
+                # mean over the last `window` rows: a difference of running sums
+                run = torch.cumsum(total, dim=1)
+                run = torch.cat([torch.zeros_like(run[:, :1]), run], dim=1)
+                mean = (run[:, window:] - run[:, :-window]) / window
+                errors[start : start + len(tiles)] = mean.numpy()
+        return errors[tile_of, offset]
 
     def errors(self, x: np.ndarray, entity: np.ndarray) -> np.ndarray:
         """Per-feature contributions to each row's score. (rows, features)"""
@@ -450,10 +558,57 @@ class Detector:
             self.model_ = arrays
 
 
+def _positions(entity: np.ndarray) -> np.ndarray:
+    """Row number of each row within its entity; rows grouped by entity. (rows,)"""
+    n = len(entity)
+    starts = np.r_[0, np.flatnonzero(entity[1:] != entity[:-1]) + 1]
+    return np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+
+
+def _tile_index(
+    entity: np.ndarray, position: np.ndarray, context: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of each tile, and each row's tile and place in it.
+
+    Tile ``k`` of an entity covers its row numbers ``k * TILE_ROWS`` up to the next
+    tile, preceded by ``context`` rows (the entity's first row where there is none).
+    Rows of a tile missing from the block (before its start, after its end) are
+    replaced by the nearest row of the entity present; they only affect rows
+    whose context was not passed, or later rows that are not in the block.
+    Returns ``index`` (tiles, context + TILE_ROWS), ``tile_of`` (rows,) and
+    ``offset`` (rows,).
+    """
+    n = len(entity)
+    if n == 0:
+        return (
+            np.zeros((0, context + TILE_ROWS), np.int64),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+        )
+    tile = position // TILE_ROWS
+    new_run = np.r_[True, entity[1:] != entity[:-1]]
+    run_start = np.flatnonzero(new_run)
+    run_end = np.r_[run_start[1:], n] - 1
+    run = np.cumsum(new_run) - 1
+    new_tile = new_run | np.r_[True, tile[1:] != tile[:-1]]
+    tile_of = np.cumsum(new_tile) - 1
+    first = np.flatnonzero(new_tile)  # first row of each tile in the block
+    tile_start = tile[first] * TILE_ROWS  # row number where each tile starts
+    wanted = np.maximum(tile_start[:, None] + np.arange(-context, TILE_ROWS), 0)
+    index = (first - position[first])[:, None] + wanted
+    low = run_start[run[first]][:, None]
+    high = run_end[run[first]][:, None]
+    index = np.clip(index, low, high)
+    return index, tile_of, position - tile_start[tile_of]
+
+
 def _restore_member(
     arch: dict[str, Any], state: dict[str, torch.Tensor], prefix: str
-) -> ConvAutoencoder:
-    model = ConvAutoencoder(**arch)
+) -> nn.Module:
+    kind = arch.pop("type")
+    model = (
+        CausalConvAutoencoder(**arch) if kind == "causal" else ConvAutoencoder(**arch)
+    )
     own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     model.load_state_dict(own)
     return model.eval()

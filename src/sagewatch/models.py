@@ -4,7 +4,9 @@
   entity on its own reference rows.
 * :func:`window_index` turns rows in time order into sequences of ``length`` rows
   ending at each row, never crossing entities.
-* :class:`ConvAutoencoder` reconstructs such sequences with 1-D convolutions.
+* :class:`ConvAutoencoder` reconstructs such sequences with strided 1-D
+  convolutions; :class:`CausalConvAutoencoder` reconstructs each row from it and
+  earlier rows with causal 1-D convolutions, in one pass over a long series.
 * :func:`fit_pca` / :func:`pca_reconstruct` are the PCA reconstruction baseline.
 * :class:`IsolationTrees` is a fitted Isolation Forest held as plain arrays, so it
   is saved as tensors and scored without pickle.
@@ -167,12 +169,85 @@ class ConvAutoencoder(nn.Module):
     def arguments(self) -> dict[str, Any]:
         """The constructor's arguments, as stored in ``detector.json``."""
         return {
+            "type": "window",
             "n_features": self.n_features,
             "sequence_length": self.sequence_length,
             "hidden_dims": self.hidden_dims,
             "encoding_dim": self.encoding_dim,
             "kernel_size": self.kernel_size,
         }
+
+
+class CausalConvAutoencoder(nn.Module):
+    """Reconstructs each feature row from itself and earlier rows, never later ones.
+
+    Encoder and decoder are stacks of causal 1-D convolutions (channels
+    ``hidden_dims``, dilation 1, 2, 4, ... layer by layer) joined by a 1x1 code
+    layer of ``encoding_dim`` channels. The output at a row depends only on that row
+    and the :attr:`receptive_field` rows before it, so a long series is scored in
+    one pass instead of one window per row.
+
+    Notes:
+        What a row adds to its history has to pass through the ``encoding_dim``
+        code channels of that row; earlier codes carry only earlier rows. With
+        fewer code channels than sensors the model must learn how the sensors
+        move together, and a row that breaks that pattern is reconstructed badly.
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        hidden_dims: Sequence[int],
+        encoding_dim: int,
+        kernel_size: int,
+    ) -> None:
+        super().__init__()
+        self.n_features = n_features
+        self.hidden_dims = list(hidden_dims)
+        self.encoding_dim = encoding_dim
+        self.kernel_size = kernel_size
+        self.encoder = _causal_stack(n_features, hidden_dims, encoding_dim, kernel_size)
+        self.decoder = _causal_stack(encoding_dim, hidden_dims, n_features, kernel_size)
+
+    @property
+    def receptive_field(self) -> int:
+        """Earlier rows that the reconstruction of a row depends on."""
+        one_stack = sum(
+            (self.kernel_size - 1) * 2**i for i in range(len(self.hidden_dims))
+        )
+        return 2 * one_stack
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, length, features)
+        code = self.encoder(x.transpose(1, 2))  # (batch, encoding_dim, length)
+        return self.decoder(code).transpose(1, 2)  # (batch, length, features)
+
+    def arguments(self) -> dict[str, Any]:
+        """The constructor's arguments, as stored in ``detector.json``."""
+        return {
+            "type": "causal",
+            "n_features": self.n_features,
+            "hidden_dims": self.hidden_dims,
+            "encoding_dim": self.encoding_dim,
+            "kernel_size": self.kernel_size,
+        }
+
+
+def _causal_stack(
+    channels_in: int, hidden: Sequence[int], channels_out: int, kernel_size: int
+) -> nn.Sequential:
+    """Causal dilated convolutions (left padding only), then a 1x1 projection."""
+    layers: list[nn.Module] = []
+    width = channels_in
+    for i, channels in enumerate(hidden):
+        dilation = 2**i
+        layers += [
+            nn.ConstantPad1d(((kernel_size - 1) * dilation, 0), 0.0),
+            nn.Conv1d(width, channels, kernel_size, dilation=dilation),
+            nn.ReLU(),
+        ]
+        width = channels
+    layers.append(nn.Conv1d(width, channels_out, 1))
+    return nn.Sequential(*layers)
 
 
 def fit_pca(z: np.ndarray, variance: float) -> tuple[dict[str, np.ndarray], int]:

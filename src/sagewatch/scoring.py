@@ -67,6 +67,7 @@ def score_features(
     names = detector.feature_names_
     context = detector.context_rows
     entity = features[ENTITY].cast(pl.String).to_numpy()
+    position = _positions(features, entity, continued)
     scores = np.empty(features.height)
     top = np.empty(features.height, dtype=np.int64)
     bar = tqdm(
@@ -83,7 +84,9 @@ def score_features(
         stop = min(start + batch_rows, features.height)
         block = features.slice(start - lead, stop - start + lead).select(names)
         score, contributions = detector.score_rows(
-            block.to_numpy(), entity[start - lead : stop]
+            block.to_numpy(),
+            entity[start - lead : stop],
+            position[start - lead : stop],
         )
         scores[start:stop] = score[lead:]
         top[start:stop] = detector.attribution(contributions[lead:]).argmax(axis=1)
@@ -95,7 +98,7 @@ def score_features(
     out = features.select(TIMESTAMP, ENTITY).with_columns(
         pl.Series("anomaly_score", scores),
         pl.lit(threshold, dtype=pl.Float64).alias("threshold"),
-        pl.Series("is_anomaly", _flags(features, detector, scores, continued)),
+        pl.Series("is_anomaly", _flags(entity, position, detector, scores)),
         sensors.gather(top),
         _in_reference(features, getattr(detector, "reference_end_", None)),
     )
@@ -113,23 +116,26 @@ def score_features(
     return out
 
 
-def _flags(
-    features: pl.DataFrame,
-    detector: Detector,
-    scores: np.ndarray,
-    continued: tuple[str, int] | None,
+def _positions(
+    features: pl.DataFrame, entity: np.ndarray, continued: tuple[str, int] | None
 ) -> np.ndarray:
-    """The alarm rule, silenced on each entity's warm-up rows."""
-    entity = features[ENTITY].cast(pl.String).to_numpy()
-    flags = np.asarray(detector.alarms(scores, entity), dtype=np.int8)
-    warmup = detector.warmup_rows
-    if warmup <= 0:
-        return flags
+    """Each row's number within its entity, counting rows of earlier chunks."""
     position = features.select(pl.int_range(pl.len()).over(ENTITY)).to_numpy()[:, 0]
     if continued is not None:
         name, offset = continued
         position = np.where(entity == name, position + offset, position)
-    warm = position < warmup
+    return position
+
+
+def _flags(
+    entity: np.ndarray,
+    position: np.ndarray,
+    detector: Detector,
+    scores: np.ndarray,
+) -> np.ndarray:
+    """The alarm rule, silenced on each entity's warm-up rows."""
+    flags = np.asarray(detector.alarms(scores, entity), dtype=np.int8)
+    warm = position < detector.warmup_rows
     return np.where(warm, 0, flags).astype(np.int8)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC
 from typing import Any
 
@@ -24,56 +25,58 @@ from tqdm.auto import tqdm
 from sagewatch.config import ModelSettings, ReferenceSettings, Settings
 from sagewatch.detector import Detector
 from sagewatch.errors import InputError
-from sagewatch.models import ConvAutoencoder
 from sagewatch.schema import ENTITY, TIMESTAMP
 
 log = logging.getLogger(__name__)
 
 
 def training_sequences(
-    index: np.ndarray, held: np.ndarray, settings: ModelSettings
+    index: np.ndarray,
+    held: np.ndarray,
+    settings: ModelSettings,
+    *,
+    validation_stride: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Row numbers of the training and validation sequences. (sequences, length)
 
-    Training sequences end at every ``sequence_stride``-th row that is not held
-    out, at most ``max_train_samples`` of them (a seeded sample); validation
-    sequences end at every held-out row. Consecutive sequences overlap in all but
-    one row, so a stride above 1 costs little information and saves most of the
-    time.
+    ``index`` holds the window of rows ending at each row. Training sequences end
+    at every ``sequence_stride``-th row that is not held out, at most
+    ``max_train_samples`` of them (a seeded sample); validation sequences end at
+    every ``validation_stride``-th held-out row, counted back from the last.
     """
     ends = np.flatnonzero(~held)[:: settings.sequence_stride]
     if len(ends) > settings.max_train_samples:
         rng = np.random.default_rng(settings.seed)
         ends = np.sort(rng.choice(ends, settings.max_train_samples, replace=False))
         log.info("sampled %d training sequences", len(ends))
-    return index[ends], index[np.flatnonzero(held)]
+    held_ends = np.flatnonzero(held)[::-1][::validation_stride][::-1]
+    return index[ends], index[held_ends]
 
 
 def fit_autoencoder(
+    build: Callable[[], nn.Module],
     z: np.ndarray,
     train_idx: np.ndarray,
     val_idx: np.ndarray,
     settings: ModelSettings,
     *,
+    context: int = 0,
     seed: int,
     progress: bool = False,
-) -> tuple[ConvAutoencoder, dict[str, Any]]:
-    """Train a :class:`~sagewatch.models.ConvAutoencoder` on scaled reference rows.
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train the autoencoder that ``build()`` makes on scaled reference rows.
 
     ``z`` (rows, features) holds the scaled rows; ``train_idx`` and ``val_idx``
-    (sequences, length) are row numbers of the sequences. Returns the model (in
+    (sequences, length) are row numbers of the sequences. The loss is the mean
+    squared error of each sequence's rows after its first ``context`` (rows that
+    are there only so the ones after them see their full history, for the causal
+    model). ``build`` runs after the seed is set. Returns the model (in
     eval mode, best epoch restored) and a training summary. Each epoch logs one
     line ``epoch=E train_loss=X val_loss=Y`` that a SageMaker metric-definition
     regex can read.
     """
     torch.manual_seed(seed)
-    model = ConvAutoencoder(
-        z.shape[1],
-        train_idx.shape[1],
-        settings.hidden_dims,
-        settings.encoding_dim,
-        settings.kernel_size,
-    )
+    model = build()
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     rows = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
     train = torch.from_numpy(train_idx)
@@ -92,9 +95,9 @@ def fit_autoencoder(
     )
     for epoch in bar:
         train_loss = _epoch(
-            model, optimiser, rows, train, settings.batch_size, generator
+            model, optimiser, rows, train, settings.batch_size, generator, context
         )
-        val_loss = _evaluate(model, val) if len(val) else train_loss
+        val_loss = _evaluate(model, val, context) if len(val) else train_loss
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
         log.debug("epoch=%d train_loss=%.6f val_loss=%.6f", epoch, train_loss, val_loss)
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
@@ -141,6 +144,7 @@ def _epoch(
     index: torch.Tensor,  # (sequences, length)
     batch_size: int,
     generator: torch.Generator,
+    context: int,
 ) -> float:
     model.train()
     order = torch.randperm(len(index), generator=generator)
@@ -148,17 +152,17 @@ def _epoch(
     for start in range(0, len(index), batch_size):
         batch = rows[index[order[start : start + batch_size]]]  # (batch, length, f)
         optimiser.zero_grad()
-        loss = torch.mean(torch.square(model(batch) - batch))
+        loss = torch.mean(torch.square(model(batch)[:, context:] - batch[:, context:]))
         loss.backward()
         optimiser.step()
         total += loss.item() * len(batch)
     return total / len(index)
 
 
-def _evaluate(model: nn.Module, x: torch.Tensor) -> float:
+def _evaluate(model: nn.Module, x: torch.Tensor, context: int) -> float:
     model.eval()
     with torch.no_grad():
-        return float(torch.mean(torch.square(model(x) - x)))
+        return float(torch.mean(torch.square(model(x)[:, context:] - x[:, context:])))
 
 
 def reference_mask(frame: pl.DataFrame, settings: ReferenceSettings) -> pl.Series:
