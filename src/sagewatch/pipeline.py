@@ -25,7 +25,6 @@ from sagewatch.errors import InputError
 from sagewatch.evaluation import write_report
 from sagewatch.features import build_features, feature_names, sensors_of
 from sagewatch.schema import ENTITY, LABEL, TIMESTAMP, Dataset, load_raw
-from sagewatch.scoring import SCORE_COLUMNS
 from sagewatch.synthetic import generate
 
 if TYPE_CHECKING:  # torch loads only for the stages that need it
@@ -351,6 +350,8 @@ def read_scores(uri: str) -> pl.DataFrame:
     Raises:
         InputError: the table is not one ``sagewatch score`` wrote.
     """
+    from sagewatch.scoring import SCORE_COLUMNS  # loads torch
+
     scores = storage.read_table(uri)
     what = "anomaly_scores.csv or .parquet written by `sagewatch score`"
     _require(scores, uri, [TIMESTAMP, ENTITY, *SCORE_COLUMNS[:4]], what)
