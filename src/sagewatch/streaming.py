@@ -39,6 +39,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -169,45 +170,91 @@ def entity_chunks(
     Raises:
         NotGroupedError: an entity's rows appear again after another entity's.
     """
-    pending: pl.DataFrame | None = None
-    ready: list[pl.DataFrame] = []
+    pending: _Part | None = None
+    ready: list[_Part] = []
     ready_rows, done = 0, _Seen()
     open_name: str | None = None  # the entity whose last piece went out open-ended
 
-    def emit(frames: list[pl.DataFrame], *, open_end: bool) -> Iterator[Chunk]:
+    def emit(parts: list[_Part], *, open_end: bool) -> Iterator[Chunk]:
         nonlocal open_name
-        frame = _concat(frames)
-        first = frame.select(key.first()).item()
+        frame = _concat([p.frame for p in parts])
+        first: str | None = parts[0].names[0]
         if first == open_name and not open_end:
-            runs = frame.select(key.rle_id()).to_series().to_numpy()
-            cut = int(np.searchsorted(runs, 1))
+            cut = parts[0].first_rows
             yield Chunk(frame.slice(0, cut), continues=True)
             frame = frame.slice(cut)
             first = None
         if frame.height:
             yield Chunk(frame, continues=first == open_name, open_end=open_end)
-        open_name = frame.select(key.last()).item() if open_end else None
+        open_name = parts[-1].names[-1] if open_end else None
 
     for batch in batches:
-        frame = batch if pending is None else _concat([pending, batch])
-        runs = frame.select(key.rle_id()).to_series().to_numpy()
-        last = int(np.searchsorted(runs, runs[-1]))
-        complete, pending = frame.slice(0, last), frame.slice(last)
-        if complete.height:
-            done.add(_run_names(complete, key))
+        part = _Part.of(batch, key)
+        if pending is not None:
+            part = pending.join(part)
+        complete, pending = part.split_last()
+        if complete is not None:
+            done.add(complete.names)
             ready.append(complete)
-            ready_rows += complete.height
-        if ready_rows >= chunk_rows or (ready and pending.height >= chunk_rows):
+            ready_rows += complete.frame.height
+        if ready_rows >= chunk_rows or (ready and pending.frame.height >= chunk_rows):
             yield from emit(ready, open_end=False)
             ready, ready_rows = [], 0
-        if pending.height >= chunk_rows:
+        if pending.frame.height >= chunk_rows:
             yield from emit([pending], open_end=True)
             pending = None
     if pending is not None:
-        done.add(_run_names(pending, key))
+        done.add(pending.names)
         ready.append(pending)
     if ready:
         yield from emit(ready, open_end=False)
+
+
+@dataclass
+class _Part:
+    """Consecutive rows with where their entities' runs start and their names."""
+
+    frame: pl.DataFrame
+    starts: np.ndarray  # row of each run's first row, 0 first
+    names: list[str]
+
+    @classmethod
+    def of(cls, frame: pl.DataFrame, key: pl.Expr) -> _Part:
+        """Runs of ``key``, evaluated only where one of its columns changes."""
+        columns = key.meta.root_names()
+        change = pl.any_horizontal(
+            pl.col(c).ne_missing(pl.col(c).shift(1)) for c in columns
+        )
+        rows = frame.select(change.alias("change")).to_series().to_numpy()
+        rows[0] = True
+        at = np.flatnonzero(rows)
+        keys = frame[at].select(key.alias("k")).to_series().to_list()
+        new = [0, *(i for i in range(1, len(keys)) if keys[i] != keys[i - 1])]
+        return cls(frame, at[new], [keys[i] for i in new])
+
+    @property
+    def first_rows(self) -> int:
+        """Rows of the first run."""
+        return int(self.starts[1]) if len(self.starts) > 1 else self.frame.height
+
+    def join(self, later: _Part) -> _Part:
+        """This part followed by ``later``."""
+        shift = self.frame.height
+        same = later.names[0] == self.names[-1]
+        starts = later.starts[1:] if same else later.starts
+        return _Part(
+            _concat([self.frame, later.frame]),
+            np.concatenate([self.starts, starts + shift]),
+            self.names + (later.names[1:] if same else later.names),
+        )
+
+    def split_last(self) -> tuple[_Part | None, _Part]:
+        """The rows before the last run (None when there are none), and that run."""
+        last = int(self.starts[-1])
+        tail = _Part(self.frame.slice(last), self.starts[-1:] - last, self.names[-1:])
+        if last == 0:
+            return None, tail
+        return _Part(self.frame.slice(0, last), self.starts[:-1], self.names[:-1]), tail
 
 
 class _Seen:
@@ -245,6 +292,8 @@ def _repeated(names: list[str]) -> str:
 def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
     if len(frames) == 1:
         return frames[0]
+    if all(f.schema == frames[0].schema for f in frames[1:]):
+        return pl.concat(frames, how="vertical", rechunk=False)
     try:
         return pl.concat(frames, how="diagonal_relaxed")
     except pl.exceptions.PolarsError as exc:
@@ -258,11 +307,14 @@ def _run_names(frame: pl.DataFrame, key: pl.Expr) -> list[str]:
 
 
 def raw_batches(
-    files: list[str], sep: str | None, chunk_rows: int
+    files: list[str],
+    sep: str | None,
+    chunk_rows: int,
+    rows_read: Counter[str] | None = None,
 ) -> Iterator[pl.DataFrame]:
     """Row batches of raw input files, in order, each row tagged with its file and
     line (CSV, header = line 1) or row number, as :func:`sagewatch.schema.load_raw`
-    tags them.
+    tags them. ``rows_read``, when given, counts the rows read per file.
 
     Raises:
         InputError: a file has a header but no rows, or cannot be read.
@@ -279,6 +331,8 @@ def raw_batches(
                 ).alias(LINE),
             )
             rows += batch.height
+            if rows_read is not None:
+                rows_read[path] += batch.height
         if rows == 0:
             raise InputError(f"{path}: the file has a header but no data rows")
 
@@ -373,7 +427,8 @@ def _stream_features(
 ) -> FeaturesResult:
     data, quality = settings.data, settings.quality
     windows = storage.read_json(data.label_windows) if data.label_windows else None
-    batches = raw_batches(files, data.sep, chunk_rows)
+    merged = _Quality()
+    batches = raw_batches(files, data.sep, chunk_rows, merged.file_rows)
     first = next(batches)
     entity = data.entity_column
     key = (
@@ -381,12 +436,10 @@ def _stream_features(
         if entity and entity in first.columns
         else pl.col(SOURCE)
     )
-    merged = _Quality()
     bar = Progress("features", total, show=progress)
     tail: _Tail | None = None
     result: FeaturesResult | None = None
     for chunk in entity_chunks(_prepend(first, batches), key, chunk_rows):
-        merged.count_files(chunk.frame)
         dataset = validate(chunk.frame, input_uri, data, quality, label_windows=windows)
         if result is None:
             result = FeaturesResult(dataset.sensors, dataset.passthrough, {})
@@ -428,10 +481,6 @@ class _Quality:
         self.low: dict[str, float] = {}
         self.high: dict[str, float] = {}
         self.file_rows: Counter[str] = Counter()
-
-    def count_files(self, raw: pl.DataFrame) -> None:
-        counts = raw.group_by(SOURCE).len()
-        self.file_rows.update(dict(counts.iter_rows()))
 
     def add(
         self, dataset: Dataset, result: FeaturesResult, carry: _Tail | None
@@ -591,8 +640,10 @@ def _chunk_features(
 class _EntityWriter:
     """One Parquet file per entity; a long entity's pieces appended as row groups.
 
-    Files are staged and moved into place together when the block ends without
-    an error; otherwise none of them is.
+    A chunk's files are written and hashed on a worker thread while the next chunk
+    is computed; :meth:`write` first waits for the chunk before, so at most one
+    chunk waits in memory. Files are staged and moved into place together when
+    the block ends without an error; otherwise none of them is.
     """
 
     def __init__(self, output_dir: str) -> None:
@@ -601,17 +652,28 @@ class _EntityWriter:
         self._stack = contextlib.ExitStack()
         self._files: list[tuple[Any, int]] = []
         self._open: _AppendParquet | None = None
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="sagewatch-writer")
+        self._pending: Future[None] | None = None
 
     def __enter__(self) -> _EntityWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._open is not None:
-            self._open.close()
-            self._files.append((self._open.staging, self._open.rows))
-            self._open = None
-        self._stack.__exit__(*exc)
-        if exc[0] is None:
+        error = exc[1]
+        try:
+            self._wait()
+            if error is None and self._open is not None:
+                self._finish_open()
+        except BaseException as failed:
+            error = error or failed
+            raise
+        finally:
+            self._worker.shutdown()
+            if error is None:
+                self._stack.__exit__(None, None, None)
+            else:
+                self._stack.__exit__(type(error), error, error.__traceback__)
+        if error is None:
             self.outputs = [replace(s.info, rows=rows) for s, rows in self._files]
 
     def uri(self, entity: str) -> str:
@@ -619,6 +681,24 @@ class _EntityWriter:
         return storage.join(self.output_dir, name)
 
     def write(self, features: pl.DataFrame, *, continues: bool, open_end: bool) -> None:
+        """Queue one chunk's features: its entities' rows, in order.
+
+        Raises:
+            StorageError: writing the chunk before failed.
+        """
+        self._wait()
+        self._pending = self._worker.submit(
+            self._write, features, continues=continues, open_end=open_end
+        )
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _write(
+        self, features: pl.DataFrame, *, continues: bool, open_end: bool
+    ) -> None:
         if self._open is not None and not continues:
             self._finish_open()
         starts = entity_starts(features[ENTITY]).tolist()
@@ -643,7 +723,7 @@ class _EntityWriter:
     def _finish_open(self) -> None:
         assert self._open is not None
         self._open.close()
-        self._files.append((self._open.staging, self._open.rows))
+        self._done(self._open.staging, self._open.rows)
         self._open = None
 
     def _write_whole(self, part: pl.DataFrame) -> None:
@@ -654,7 +734,12 @@ class _EntityWriter:
         """
         staging = self._stack.enter_context(storage.staged(self.uri(part[ENTITY][0])))
         part.write_parquet(staging.path, compression="uncompressed", statistics=True)
-        self._files.append((staging, part.height))
+        self._done(staging, part.height)
+
+    def _done(self, staging: Any, rows: int) -> None:
+        """Hash a finished file now, on this thread, not when it moves into place."""
+        staging.known = storage.file_info(staging.path)
+        self._files.append((staging, rows))
 
 
 class _AppendParquet:
