@@ -149,9 +149,7 @@ def stage_features(
             out = build_features(
                 data.frame, data.sensors, settings.features, data.passthrough
             )
-            infos = storage.write_partitioned(
-                out, output_dir, by=ENTITY, stem=FEATURES_STEM
-            )
+            infos = streaming.write_features(out, output_dir)
             quality, sensors, rows_out = data.quality, data.sensors, out.height
             inputs = (
                 _as_dicts(reads) if dataset is None else _describe_inputs(input_uri)

@@ -637,6 +637,19 @@ def _chunk_features(
 # ----------------------------------------------------------------------------- writing
 
 
+def write_features(features: pl.DataFrame, output_dir: str) -> list[storage.FileInfo]:
+    """Write a features table sorted by entity as one Parquet file per entity,
+    as the streamed path writes them; the files move into place together.
+
+    Raises:
+        InputError: the rows of an entity are not contiguous.
+        StorageError: a file cannot be written.
+    """
+    with _EntityWriter(output_dir) as writer:
+        writer.write(features, continues=False, open_end=False)
+    return writer.outputs
+
+
 class _EntityWriter:
     """One Parquet file per entity; a long entity's pieces appended as row groups.
 
@@ -1018,4 +1031,5 @@ __all__ = [
     "feature_chunks",
     "stream_features",
     "stream_scores",
+    "write_features",
 ]
