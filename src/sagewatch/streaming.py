@@ -439,13 +439,14 @@ def _stream_features(
     bar = Progress("features", total, show=progress)
     tail: _Tail | None = None
     result: FeaturesResult | None = None
+    buffers = _Buffers(writer)
     for chunk in entity_chunks(_prepend(first, batches), key, chunk_rows):
         dataset = validate(chunk.frame, input_uri, data, quality, label_windows=windows)
         if result is None:
             result = FeaturesResult(dataset.sensors, dataset.passthrough, {})
         carry = tail if chunk.continues else None
         merged.add(dataset, result, carry)
-        features, tail = _chunk_features(dataset, carry, settings)
+        features, tail = _chunk_features(dataset, carry, settings, buffers)
         writer.write(features, continues=carry is not None, open_end=chunk.open_end)
         result.rows_out += features.height
         bar.update(chunk.frame.height)
@@ -596,8 +597,35 @@ def _median(counts: Counter[float]) -> float | None:
     return pl.Series([found[0], found[-1]], dtype=pl.Float64).median()
 
 
+class _Buffers:
+    """Two arrays for chunks' features, used in turn.
+
+    Polars takes a chunk's features from its array without copying, so the array
+    is in use until the writer has written the chunk. Chunk ``i`` reuses the array
+    of chunk ``i - 2``: writing chunk ``i - 1`` first waited for chunk ``i - 2``.
+    Reuse spares the page faults of a fresh array per chunk, about as costly as
+    computing the features.
+    """
+
+    def __init__(self, writer: _EntityWriter) -> None:
+        self.writer = writer
+        self.taken = 0
+        self._arrays: list[np.ndarray | None] = [None, None]
+
+    def take(self, shape: tuple[int, int, int]) -> np.ndarray:
+        assert self.writer.written >= self.taken - 1, "a chunk is still unwritten"
+        turn = self.taken % 2
+        self.taken += 1
+        have = self._arrays[turn]
+        if have is None or have.shape[:2] != shape[:2] or have.shape[2] < shape[2]:
+            # Room for somewhat longer chunks: they vary with the entities' cuts.
+            have = np.empty((*shape[:2], shape[2] + shape[2] // 4))
+            self._arrays[turn] = have
+        return have[:, :, : shape[2]]
+
+
 def _chunk_features(
-    dataset: Dataset, carry: _Tail | None, settings: Settings
+    dataset: Dataset, carry: _Tail | None, settings: Settings, buffers: _Buffers
 ) -> tuple[pl.DataFrame, _Tail]:
     """Features of one validated chunk, with the tail of the chunk before."""
     frame, sensors = dataset.frame, dataset.sensors
@@ -613,8 +641,11 @@ def _chunk_features(
         context, lead = carry.values.shape[1], carry.position
         values = np.concatenate([carry.values, values], axis=1)
         starts = starts[1:] + context
-    block = feature_block(values, starts, lead, settings.features)[:, context:]
     names = feature_names(sensors, settings.features.statistics)
+    shape = (len(sensors), len(settings.features.statistics), values.shape[1])
+    out = buffers.take(shape)  # (sensors, statistics, rows)
+    block = feature_block(values, starts, lead, settings.features, out=out)
+    block = block[:, context:]
     keep = [c for c in (LABEL, *dataset.passthrough) if c in frame.columns]
     out = frame.select(TIMESTAMP, ENTITY).with_columns(
         pl.Series(name, block[i]) for i, name in enumerate(names)
@@ -667,6 +698,7 @@ class _EntityWriter:
         self._open: _AppendParquet | None = None
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="sagewatch-writer")
         self._pending: Future[None] | None = None
+        self.written = 0  # chunks written
 
     def __enter__(self) -> _EntityWriter:
         return self
@@ -732,6 +764,7 @@ class _EntityWriter:
                 self._open.write(part)
             else:
                 self._write_whole(part)
+        self.written += 1
 
     def _finish_open(self) -> None:
         assert self._open is not None
