@@ -198,6 +198,19 @@ def test_long_entity_is_cut_into_pieces_with_flags() -> None:
         assert chunk.open_end or len(names) >= 1
 
 
+def test_runs_of_an_entity_spelled_with_spaces_are_one_entity() -> None:
+    names = ["a", "a", " a", "a ", "b", "b", "a"]
+    frame = pl.DataFrame({"id": names, "x": range(len(names))})
+    key = pl.col("id").str.strip_chars()
+
+    part = streaming._Part.of(frame, key)
+
+    assert part.starts.tolist() == [0, 4, 6]
+    assert part.names == ["a", "b", "a"]
+    with pytest.raises(streaming.NotGroupedError, match="entity 'a'"):
+        list(streaming.entity_chunks(iter([frame.head(3), frame.tail(4)]), key, 100))
+
+
 def test_interleaved_entities_are_refused_then_read_whole(tmp_path: Path) -> None:
     raw = _write(_raw().sort(TIMESTAMP), tmp_path / "raw" / "by_time.parquet")
     settings = Settings()

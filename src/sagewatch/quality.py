@@ -363,17 +363,16 @@ def summarize(
     spread = frame.select(
         *[(pl.col(s).max() - pl.col(s).min()).alias(s) for s in sensors]
     ).row(0, named=True)
-    runs = frame[ENTITY].rle().struct.unnest()
-    entity_rows = dict(zip(runs["value"].to_list(), runs["len"].to_list(), strict=True))
+    rows = entity_rows(frame)
     summary: dict[str, Any] = {
         "median_step_seconds": median,
         "time_gaps": gaps,
         "constant_sensors": [s for s in sensors if spread[s] == 0],
-        "entity_rows": entity_rows,
+        "entity_rows": rows,
     }
     if rolling_window is not None:
         summary["short_entities"] = {
-            e: n for e, n in entity_rows.items() if n < rolling_window
+            e: n for e, n in rows.items() if n < rolling_window
         }
         if summary["short_entities"]:
             log.warning(
@@ -384,3 +383,9 @@ def summarize(
                 next(iter(summary["short_entities"].items())),
             )
     return summary
+
+
+def entity_rows(frame: pl.DataFrame) -> dict[str, int]:
+    """Rows per entity, in order, of a table with each entity's rows contiguous."""
+    runs = frame[ENTITY].rle().struct.unnest()
+    return dict(zip(runs["value"].to_list(), runs["len"].to_list(), strict=True))

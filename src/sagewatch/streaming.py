@@ -441,7 +441,9 @@ def _stream_features(
     result: FeaturesResult | None = None
     buffers = _Buffers(writer)
     for chunk in entity_chunks(_prepend(first, batches), key, chunk_rows):
-        dataset = validate(chunk.frame, input_uri, data, quality, label_windows=windows)
+        dataset = validate(
+            chunk.frame, input_uri, data, quality, label_windows=windows, summary=False
+        )
         if result is None:
             result = FeaturesResult(dataset.sensors, dataset.passthrough, {})
         carry = tail if chunk.continues else None
