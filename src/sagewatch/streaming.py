@@ -672,15 +672,34 @@ def _chunk_features(
 
 def write_features(features: pl.DataFrame, output_dir: str) -> list[storage.FileInfo]:
     """Write a features table sorted by entity as one Parquet file per entity,
-    as the streamed path writes them; the files move into place together.
+    in the streamed path's format; each file is moved into place once written.
 
     Raises:
         InputError: the rows of an entity are not contiguous.
         StorageError: a file cannot be written.
     """
-    with _EntityWriter(output_dir) as writer:
-        writer.write(features, continues=False, open_end=False)
-    return writer.outputs
+    starts = entity_starts(features[ENTITY]).tolist()
+    infos = []
+    for lo, hi in itertools.pairwise([*starts, features.height]):
+        part = features.slice(lo, hi - lo)
+        with storage.staged(_entity_uri(output_dir, part[ENTITY][0])) as staging:
+            _write_parquet(part, staging.path)
+        infos.append(replace(staging.info, rows=part.height))
+    return infos
+
+
+def _entity_uri(output_dir: str, entity: str) -> str:
+    name = f"{FEATURES_STEM}-{storage.safe_name(entity)}.parquet"
+    return storage.join(output_dir, name)
+
+
+def _write_parquet(part: pl.DataFrame, path: str) -> None:
+    """One entity's features as Parquet.
+
+    Uncompressed: rolling statistics of noisy readings barely compress (about 10 %
+    with zstd) and compressing them costs more than computing them.
+    """
+    part.write_parquet(path, compression="uncompressed", statistics=True)
 
 
 class _EntityWriter:
@@ -724,8 +743,7 @@ class _EntityWriter:
             self.outputs = [replace(s.info, rows=rows) for s, rows in self._files]
 
     def uri(self, entity: str) -> str:
-        name = f"{FEATURES_STEM}-{storage.safe_name(entity)}.parquet"
-        return storage.join(self.output_dir, name)
+        return _entity_uri(self.output_dir, entity)
 
     def write(self, features: pl.DataFrame, *, continues: bool, open_end: bool) -> None:
         """Queue one chunk's features: its entities' rows, in order.
@@ -775,13 +793,8 @@ class _EntityWriter:
         self._open = None
 
     def _write_whole(self, part: pl.DataFrame) -> None:
-        """One entity's features as Parquet.
-
-        Uncompressed: rolling statistics of noisy readings barely compress (about
-        10 % with zstd) and compressing them costs more than computing them.
-        """
         staging = self._stack.enter_context(storage.staged(self.uri(part[ENTITY][0])))
-        part.write_parquet(staging.path, compression="uncompressed", statistics=True)
+        _write_parquet(part, staging.path)
         self._done(staging, part.height)
 
     def _done(self, staging: Any, rows: int) -> None:
