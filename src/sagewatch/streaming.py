@@ -10,8 +10,10 @@ same way and carries, per entity, the rows of context a detector asks for (its
 ``context_rows`` attribute, 0 when absent).
 
 Features go to one Parquet file per entity (a long entity's pieces appended as row
-groups); scores to one CSV and one Parquet file, appended chunk by chunk. Memory
-holds one chunk and its outputs; nothing is moved into place before the end.
+groups); scores to one CSV and one Parquet file, appended chunk by chunk. A
+chunk's feature files are written on a second thread while the next chunk is
+validated and computed, so memory holds about two chunks and their outputs;
+nothing is moved into place before the end.
 
 Notes:
     Streamed results equal the in-memory ones exactly, quality report included:
@@ -605,8 +607,7 @@ class _Buffers:
     Polars takes a chunk's features from its array without copying, so the array
     is in use until the writer has written the chunk. Chunk ``i`` reuses the array
     of chunk ``i - 2``: writing chunk ``i - 1`` first waited for chunk ``i - 2``.
-    Reuse spares the page faults of a fresh array per chunk, about as costly as
-    computing the features.
+    Reuse spares the page faults of touching a fresh array for every chunk.
     """
 
     def __init__(self, writer: _EntityWriter) -> None:
