@@ -647,7 +647,8 @@ def _chunk_features(
     names = feature_names(sensors, settings.features.statistics)
     shape = (len(sensors), len(settings.features.statistics), values.shape[1])
     out = buffers.take(shape)  # (sensors, statistics, rows)
-    block = feature_block(values, starts, lead, settings.features, out=out)
+    # One thread: more only contend with the writing threads for the cores.
+    block = feature_block(values, starts, lead, settings.features, threads=1, out=out)
     block = block[:, context:]
     keep = [c for c in (LABEL, *dataset.passthrough) if c in frame.columns]
     out = frame.select(TIMESTAMP, ENTITY).with_columns(
@@ -706,10 +707,11 @@ def _write_parquet(part: pl.DataFrame, path: str) -> None:
 class _EntityWriter:
     """One Parquet file per entity; a long entity's pieces appended as row groups.
 
-    A chunk's files are written and hashed on a worker thread while the next chunk
-    is computed; :meth:`write` first waits for the chunk before, so at most one
-    chunk waits in memory. Files are staged and moved into place together when
-    the block ends without an error; otherwise none of them is.
+    A chunk's files are written on a worker thread while the next chunk is
+    computed, and each finished file is hashed on a third thread while the next
+    one is written; :meth:`write` first waits for the chunk before, so at most
+    one chunk waits in memory. Files are staged and moved into place together
+    when the block ends without an error; otherwise none of them is.
     """
 
     def __init__(self, output_dir: str) -> None:
@@ -719,7 +721,9 @@ class _EntityWriter:
         self._files: list[tuple[Any, int]] = []
         self._open: _AppendParquet | None = None
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="sagewatch-writer")
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sagewatch-hash")
         self._pending: Future[None] | None = None
+        self._hashes: list[Future[None]] = []
         self.written = 0  # chunks written
 
     def __enter__(self) -> _EntityWriter:
@@ -731,11 +735,14 @@ class _EntityWriter:
             self._wait()
             if error is None and self._open is not None:
                 self._finish_open()
+            for hashed in self._hashes:
+                hashed.result()
         except BaseException as failed:
             error = error or failed
             raise
         finally:
             self._worker.shutdown()
+            self._hasher.shutdown()
             if error is None:
                 self._stack.__exit__(None, None, None)
             else:
@@ -799,9 +806,14 @@ class _EntityWriter:
         self._done(staging, part.height)
 
     def _done(self, staging: Any, rows: int) -> None:
-        """Hash a finished file now, on this thread, not when it moves into place."""
-        staging.known = storage.file_info(staging.path)
+        """Hash a finished file now, on the hashing thread, not when it moves into
+        place at the end."""
+        self._hashes.append(self._hasher.submit(self._hash, staging))
         self._files.append((staging, rows))
+
+    @staticmethod
+    def _hash(staging: Any) -> None:
+        staging.known = storage.file_info(staging.path)
 
 
 class _AppendParquet:
