@@ -15,7 +15,7 @@ from polars.testing import assert_frame_equal
 from sagewatch import scoring, streaming
 from sagewatch.config import ModelSettings, Settings
 from sagewatch.detector import Detector
-from sagewatch.errors import InputError
+from sagewatch.errors import InputError, StorageError
 from sagewatch.features import build_features, feature_names
 from sagewatch.pipeline import read_features, stage_features, stage_score
 from sagewatch.schema import ENTITY, TIMESTAMP, load_raw
@@ -180,6 +180,27 @@ def test_pieces_that_need_the_whole_entity_fall_back_to_memory(
     features, record = stage_features(settings, uri, str(tmp_path / "f"), chunk_rows=10)
     assert isinstance(features, pl.DataFrame)
     assert record.details["quality"] == _validated(settings, uri)[2]
+
+
+def test_a_failed_write_on_the_writer_thread_stops_the_stage_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = _write(_raw(), tmp_path / "raw" / "fleet.parquet")
+    real, calls = streaming._write_parquet, []
+
+    def write(part: pl.DataFrame, path: str) -> None:
+        calls.append(path)
+        if len(calls) == 2:  # pump-3, after pump-2; the rest is appended
+            raise StorageError(f"cannot write {path}: disk full")
+        real(part, path)
+
+    monkeypatch.setattr(streaming, "_write_parquet", write)
+    with pytest.raises(StorageError, match="disk full"):
+        streaming.stream_features(
+            Settings(), raw, str(tmp_path / "features"), chunk_rows=5
+        )
+    assert len(calls) == 2
+    assert not _written(tmp_path / "features")
 
 
 def test_long_entity_is_cut_into_pieces_with_flags() -> None:

@@ -227,9 +227,8 @@ class _Part:
         change = pl.any_horizontal(
             pl.col(c).ne_missing(pl.col(c).shift(1)) for c in columns
         )
-        rows = frame.select(change.alias("change")).to_series().to_numpy()
-        rows[0] = True
-        at = np.flatnonzero(rows)
+        changed = frame.select(change.alias("change")).to_series()
+        at = np.union1d([0], changed.arg_true().to_numpy())
         keys = frame[at].select(key.alias("k")).to_series().to_list()
         new = [0, *(i for i in range(1, len(keys)) if keys[i] != keys[i - 1])]
         return cls(frame, at[new], [keys[i] for i in new])
@@ -621,9 +620,7 @@ class _Buffers:
         self.taken += 1
         have = self._arrays[turn]
         if have is None or have.shape[:2] != shape[:2] or have.shape[2] < shape[2]:
-            # Room for somewhat longer chunks: they vary with the entities' cuts.
-            have = np.empty((*shape[:2], shape[2] + shape[2] // 4))
-            self._arrays[turn] = have
+            have = self._arrays[turn] = np.empty(shape)
         return have[:, :, : shape[2]]
 
 
@@ -738,8 +735,10 @@ class _EntityWriter:
             for hashed in self._hashes:
                 hashed.result()
         except BaseException as failed:
-            error = error or failed
-            raise
+            if error is None:
+                error = failed
+                raise
+            log.debug("writing features stopped after an earlier error: %s", failed)
         finally:
             self._worker.shutdown()
             self._hasher.shutdown()
