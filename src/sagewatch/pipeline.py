@@ -115,7 +115,7 @@ def stage_features(
     *,
     dataset: Dataset | None = None,
     progress: bool = False,
-    chunk_rows: int = streaming.CHUNK_ROWS,
+    chunk_rows: int = streaming.FEATURE_CHUNK_ROWS,
 ) -> tuple[pl.DataFrame | str, StageRecord]:
     """Validate raw input and write its rolling features to ``output_dir``.
 

@@ -74,6 +74,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 1_000_000
+# Raw rows per features chunk: as fast as larger chunks, at half the memory (two
+# chunks are in flight, and a chunk's features take about 150 bytes a row).
+FEATURE_CHUNK_ROWS = 500_000
 FEATURES_STEM = "features"
 # Distinct time steps kept for an exact median; beyond this, validate in memory.
 MAX_STEP_VALUES = 100_000
@@ -377,7 +380,7 @@ def stream_features(
     input_uri: str,
     output_dir: str,
     *,
-    chunk_rows: int = CHUNK_ROWS,
+    chunk_rows: int = FEATURE_CHUNK_ROWS,
     progress: bool = False,
 ) -> FeaturesResult | None:
     """Validate raw input chunk by chunk and write its features per entity.
@@ -1081,6 +1084,7 @@ class _TableSink:
 
 __all__ = [
     "CHUNK_ROWS",
+    "FEATURE_CHUNK_ROWS",
     "Chunk",
     "FeaturesResult",
     "NotGroupedError",
