@@ -159,8 +159,12 @@ def test_a_reused_output_array_gives_the_same_features() -> None:
 
     for lead in (0, 3):  # the block starts its entity, or 3 rows into it
         got = feature_block(values, starts[1:], lead, settings, out=stale)
-        want = feature_block(values, starts[1:], lead, settings)
+        blank = np.full_like(stale, np.nan)
+        want = feature_block(values, starts[1:], lead, settings, out=blank)
         assert np.array_equal(got, want, equal_nan=True), lead
+    # Rows 8-10 would need rows from before the block for a full window: context.
+    assert np.isnan(got[:, 8:11]).all()
+    assert np.isfinite(got[:, :8]).all() and np.isfinite(got[:, 11:]).all()
     got = feature_block(values, starts, 0, settings, out=stale)
     assert np.array_equal(got, fresh)
     assert np.shares_memory(got, stale)
