@@ -149,6 +149,27 @@ def test_blocks_give_identical_bits_wherever_they_are_cut() -> None:
         assert np.array_equal(part[:, context:], whole[:, cut:]), cut
 
 
+def test_a_reused_output_array_gives_the_same_features() -> None:
+    rng = np.random.default_rng(1)
+    values = rng.normal(5, 1, (2, 300))
+    settings = FeatureSettings(rolling_window=12, statistics=ALL)
+    starts = np.array([0, 40, 41])
+    fresh = feature_block(values, starts, 0, settings)
+    stale = np.full((2, len(ALL), 300), 7.0)  # left over from an earlier block
+
+    for lead in (0, 3):  # the block starts its entity, or 3 rows into it
+        got = feature_block(values, starts[1:], lead, settings, out=stale)
+        blank = np.full_like(stale, np.nan)
+        want = feature_block(values, starts[1:], lead, settings, out=blank)
+        assert np.array_equal(got, want, equal_nan=True), lead
+    # Rows 8-10 would need rows from before the block for a full window: context.
+    assert np.isnan(got[:, 8:11]).all()
+    assert np.isfinite(got[:, :8]).all() and np.isfinite(got[:, 11:]).all()
+    got = feature_block(values, starts, 0, settings, out=stale)
+    assert np.array_equal(got, fresh)
+    assert np.shares_memory(got, stale)
+
+
 def test_several_sensors_and_passthrough_columns() -> None:
     frame = _table({"m1": X}, y=[v * 2 for v in X], label=[0] * 9 + [1])
     out = build_features(

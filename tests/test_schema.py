@@ -262,6 +262,65 @@ def test_entity_losing_every_row_is_reported(tmp_path: Path) -> None:
     assert "m2" not in report["entity_rows"]
 
 
+def _table(names: list[str], minutes: list[int], temp: list[float]) -> pl.DataFrame:
+    stamps = [f"2024-01-01 00:{m:02d}:00" for m in minutes]
+    return pl.DataFrame({"timestamp": stamps, "machine_id": names, "temp": temp})
+
+
+def test_entities_in_descending_order_are_sorted_without_counting_repairs() -> None:
+    raw = _table(["b", "b", "a", "a"], [0, 1, 5, 6], [1.0, 2.0, 3.0, 4.0])
+    data = validate(raw, "memory", DataSettings(), QualitySettings())
+    assert data.frame["machine_id"].to_list() == ["a", "a", "b", "b"]
+    assert data.frame["temp"].to_list() == [3.0, 4.0, 1.0, 2.0]
+    assert data.quality["out_of_order_rows"] == 0
+    assert data.quality["repaired"] == {}
+    assert data.quality["entity_rows"] == {"a": 2, "b": 2}
+
+
+def test_interleaved_entities_count_only_their_own_earlier_rows() -> None:
+    # b's 00:03 follows a's 00:07 in the file but b's own 00:02: in order.
+    raw = _table(["a", "b", "a", "b", "a"], [5, 2, 7, 3, 6], [1.0, 2.0, 3.0, 4.0, 5.0])
+    data = validate(raw, "memory", DataSettings(), QualitySettings())
+    assert data.quality["out_of_order_rows"] == 1  # a's 00:06 after its 00:07
+    assert data.frame["temp"].to_list() == [1.0, 5.0, 3.0, 2.0, 4.0]
+
+
+def test_duplicate_timestamp_split_across_runs_of_an_entity_is_found() -> None:
+    raw = _table(["a", "b", "a"], [0, 0, 0], [1.0, 2.0, 3.0])
+    quality = QualitySettings(max_drop_fraction=0.5)
+    data = validate(raw, "memory", DataSettings(), quality)
+    assert data.quality["duplicate_timestamps"] == 2
+    assert data.quality["dropped"] == {"duplicate_timestamps": 1}
+    assert data.frame["temp"].to_list() == [3.0, 2.0]  # the last 'a' row is kept
+
+
+def test_entity_names_are_stripped_wherever_a_run_changes_spelling() -> None:
+    raw = _table(["a", " a", "a ", "b"], [0, 1, 2, 3], [1.0, 2.0, 3.0, 4.0])
+    data = validate(raw, "memory", DataSettings(), QualitySettings())
+    assert data.quality["entity_rows"] == {"a": 3, "b": 1}
+
+
+def test_integer_labels_pass_and_a_label_of_2_is_refused() -> None:
+    raw = _table(["a", "a", "a"], [0, 1, 2], [1.0, 2.0, 3.0])
+    ok = validate(
+        raw.with_columns(anomaly=pl.Series([0, 1, 0], dtype=pl.Int64)),
+        "memory",
+        DataSettings(),
+        QualitySettings(),
+    )
+    assert ok.frame["label"].to_list() == [0, 1, 0]
+    assert ok.frame["label"].dtype == pl.Int8
+    with pytest.raises(
+        InputError, match="row 3, entity 'a', column 'anomaly': label 2"
+    ):
+        validate(
+            raw.with_columns(anomaly=pl.Series([0, 1, 2])),
+            "memory",
+            DataSettings(),
+            QualitySettings(),
+        )
+
+
 # ----------------------------------------------------------------------------- config
 
 

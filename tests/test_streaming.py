@@ -16,7 +16,7 @@ from sagewatch import detector as detector_module
 from sagewatch import scoring, streaming
 from sagewatch.config import ModelSettings, Settings
 from sagewatch.detector import Detector
-from sagewatch.errors import InputError
+from sagewatch.errors import InputError, StorageError
 from sagewatch.features import build_features, feature_names
 from sagewatch.pipeline import read_features, stage_features, stage_score
 from sagewatch.schema import ENTITY, TIMESTAMP, load_raw
@@ -183,6 +183,27 @@ def test_pieces_that_need_the_whole_entity_fall_back_to_memory(
     assert record.details["quality"] == _validated(settings, uri)[2]
 
 
+def test_a_failed_write_on_the_writer_thread_stops_the_stage_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = _write(_raw(), tmp_path / "raw" / "fleet.parquet")
+    real, calls = streaming._write_parquet, []
+
+    def write(part: pl.DataFrame, path: str) -> None:
+        calls.append(path)
+        if len(calls) == 2:  # pump-3, after pump-2; the rest is appended
+            raise StorageError(f"cannot write {path}: disk full")
+        real(part, path)
+
+    monkeypatch.setattr(streaming, "_write_parquet", write)
+    with pytest.raises(StorageError, match="disk full"):
+        streaming.stream_features(
+            Settings(), raw, str(tmp_path / "features"), chunk_rows=5
+        )
+    assert len(calls) == 2
+    assert not _written(tmp_path / "features")
+
+
 def test_long_entity_is_cut_into_pieces_with_flags() -> None:
     frame = _raw()
     batches = (frame.slice(i, 6) for i in range(0, frame.height, 6))
@@ -197,6 +218,19 @@ def test_long_entity_is_cut_into_pieces_with_flags() -> None:
     for chunk in chunks:
         names = chunk.frame[ENTITY].unique().to_list()
         assert chunk.open_end or len(names) >= 1
+
+
+def test_runs_of_an_entity_spelled_with_spaces_are_one_entity() -> None:
+    names = ["a", "a", " a", "a ", "b", "b", "a"]
+    frame = pl.DataFrame({"id": names, "x": range(len(names))})
+    key = pl.col("id").str.strip_chars()
+
+    part = streaming._Part.of(frame, key)
+
+    assert part.starts.tolist() == [0, 4, 6]
+    assert part.names == ["a", "b", "a"]
+    with pytest.raises(streaming.NotGroupedError, match="entity 'a'"):
+        list(streaming.entity_chunks(iter([frame.head(3), frame.tail(4)]), key, 100))
 
 
 def test_interleaved_entities_are_refused_then_read_whole(tmp_path: Path) -> None:

@@ -141,19 +141,26 @@ def feature_block(
     settings: FeatureSettings,
     *,
     threads: int | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Features of a block of rows, in :func:`feature_names` order.
 
     ``values`` holds consecutive rows of the canonical table (sensors, rows);
     ``starts`` the block indices where an entity begins; ``lead`` how many rows of
     the first entity come before the block (0 when the block starts an entity).
-    Rows of a block may be context only: the caller drops their outputs. (features,
-    rows)
+    Rows of a block may be context only: the caller drops their outputs; those
+    without a value are NaN. ``out``, when given, is the array (sensors, statistics,
+    rows) to fill, so that a caller can reuse one. (features, rows)
     """
     stats = list(settings.statistics)
     window = settings.rolling_window
     n_sensors, n_rows = values.shape
-    out = np.full((n_sensors, len(stats), n_rows), np.nan)
+    if out is None:
+        out = np.empty((n_sensors, len(stats), n_rows))
+    assert out.shape == (n_sensors, len(stats), n_rows), out.shape
+    # Rows from window - 1 on all get a full window below; the rows before are
+    # first rows of an entity (recomputed below) or context.
+    out[..., : window - 1] = np.nan
     position = _first_positions(n_rows, starts, lead, window)
     spans = [(lo, min(lo + BLOCK_ROWS, n_rows)) for lo in range(0, n_rows, BLOCK_ROWS)]
 

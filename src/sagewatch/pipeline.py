@@ -25,7 +25,6 @@ from sagewatch.errors import InputError
 from sagewatch.evaluation import write_report
 from sagewatch.features import build_features, feature_names, sensors_of
 from sagewatch.schema import ENTITY, LABEL, TIMESTAMP, Dataset, load_raw
-from sagewatch.scoring import SCORE_COLUMNS
 from sagewatch.synthetic import generate
 
 if TYPE_CHECKING:  # torch loads only for the stages that need it
@@ -116,7 +115,7 @@ def stage_features(
     *,
     dataset: Dataset | None = None,
     progress: bool = False,
-    chunk_rows: int = streaming.CHUNK_ROWS,
+    chunk_rows: int = streaming.FEATURE_CHUNK_ROWS,
 ) -> tuple[pl.DataFrame | str, StageRecord]:
     """Validate raw input and write its rolling features to ``output_dir``.
 
@@ -150,9 +149,7 @@ def stage_features(
             out = build_features(
                 data.frame, data.sensors, settings.features, data.passthrough
             )
-            infos = storage.write_partitioned(
-                out, output_dir, by=ENTITY, stem=FEATURES_STEM
-            )
+            infos = streaming.write_features(out, output_dir)
             quality, sensors, rows_out = data.quality, data.sensors, out.height
             inputs = (
                 _as_dicts(reads) if dataset is None else _describe_inputs(input_uri)
@@ -351,6 +348,8 @@ def read_scores(uri: str) -> pl.DataFrame:
     Raises:
         InputError: the table is not one ``sagewatch score`` wrote.
     """
+    from sagewatch.scoring import SCORE_COLUMNS  # loads torch
+
     scores = storage.read_table(uri)
     what = "anomaly_scores.csv or .parquet written by `sagewatch score`"
     _require(scores, uri, [TIMESTAMP, ENTITY, *SCORE_COLUMNS[:4]], what)

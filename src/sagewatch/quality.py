@@ -95,15 +95,17 @@ def repair(
         InputError: a rule set to refuse found its problem, or too much is dropped.
     """
     report["sensors"] = {s: {} for s in sensors}
-    entities = frame[ENTITY].unique(maintain_order=True).to_list()
+    given = frame[ENTITY]
     frame = _invalid_to_missing(frame, sensors, quality, report)
     frame, sensors = _drop_empty_sensors(frame, source, sensors, report)
     frame = _sort(frame, source, quality, report)
-    frame = _drop_exact_duplicates(frame, source, quality, report)
-    frame = _resolve_duplicate_timestamps(frame, source, quality, report)
+    if _repeats_a_timestamp(frame):
+        frame = _drop_exact_duplicates(frame, source, quality, report)
+        frame = _resolve_duplicate_timestamps(frame, source, quality, report)
+    else:  # no two rows share entity and timestamp, so neither rule has work
+        report["exact_duplicate_rows"] = report["duplicate_timestamps"] = 0
     frame = _fill_missing(frame, source, sensors, quality, report)
-    kept = set(frame[ENTITY].to_list())
-    report["entities_dropped"] = [e for e in entities if e not in kept]
+    report["entities_dropped"] = _entities_dropped(given, frame)
     if report["entities_dropped"]:
         log.warning(
             "%s: no row left for entities %s", source, report["entities_dropped"]
@@ -143,12 +145,15 @@ def _invalid_to_missing(
             invalid["out_of_range"],
             limit,
         )
+    invalid_in = [
+        s for s in sensors if counts[f"non_finite|{s}"] + counts[f"out_of_range|{s}"]
+    ]
     return frame.with_columns(
         pl.when(pl.col(s).is_finite() & (pl.col(s).abs() <= limit))
         .then(pl.col(s))
         .otherwise(None)
         .alias(s)
-        for s in sensors
+        for s in invalid_in
     )
 
 
@@ -173,9 +178,18 @@ def _drop_empty_sensors(
 def _sort(
     frame: pl.DataFrame, source: str, quality: QualitySettings, report: dict[str, Any]
 ) -> pl.DataFrame:
-    earlier = frame.select(
-        (pl.col(TIMESTAMP).diff().over(ENTITY) < pl.duration()).fill_null(False)
-    ).to_series()
+    names = _run_names(frame)
+    if len(set(names)) == len(names):
+        # Each entity's rows are contiguous: the row before is the previous row.
+        earlier = frame.select(
+            (_same_entity() & (pl.col(TIMESTAMP).diff() < pl.duration())).fill_null(
+                False
+            )
+        ).to_series()
+    else:
+        earlier = frame.select(
+            (pl.col(TIMESTAMP).diff().over(ENTITY) < pl.duration()).fill_null(False)
+        ).to_series()
     count = int(earlier.sum())
     report["out_of_order_rows"] = count
     if count and not quality.sort_rows:
@@ -188,7 +202,34 @@ def _sort(
     if count:
         log.warning("%s: sorted %d rows that were out of time order", source, count)
         report["repaired"]["sorted_rows"] = count
+    if not count and names == sorted(set(names)):
+        return frame  # already in canonical order: sorting would change nothing
     return frame.sort([ENTITY, TIMESTAMP], maintain_order=True)
+
+
+def _same_entity() -> pl.Expr:
+    """Whether each row belongs to the entity of the row before it."""
+    return pl.col(ENTITY) == pl.col(ENTITY).shift(1)
+
+
+def _run_names(frame: pl.DataFrame) -> list[str]:
+    """The entity of each run of consecutive rows with one entity, in order."""
+    first = frame.select(~_same_entity().fill_null(False)).to_series()
+    return frame[ENTITY].filter(first).to_list()
+
+
+def _repeats_a_timestamp(frame: pl.DataFrame) -> bool:
+    """Whether two rows share entity and timestamp, in a table sorted by both."""
+    repeat = _same_entity() & (pl.col(TIMESTAMP) == pl.col(TIMESTAMP).shift(1))
+    return bool(frame.select(repeat.any()).item())
+
+
+def _entities_dropped(given: pl.Series, kept: pl.DataFrame) -> list[str]:
+    """Entities of ``given`` (in order of appearance) with no row in ``kept``."""
+    if kept.height == given.len():
+        return []
+    left = set(kept[ENTITY].unique().to_list())
+    return [e for e in given.unique(maintain_order=True).to_list() if e not in left]
 
 
 def _drop_exact_duplicates(
@@ -311,27 +352,27 @@ def summarize(
     frame: pl.DataFrame, sensors: list[str], *, rolling_window: int | None = None
 ) -> dict[str, Any]:
     """What the validated table looks like: sampling, gaps, entities, spreads."""
+    # The repair rules leave each entity's rows contiguous and in time order.
     step = frame.select(
-        pl.col(TIMESTAMP).diff().over(ENTITY).dt.total_seconds(fractional=True)
+        pl.when(_same_entity())
+        .then(pl.col(TIMESTAMP).diff())
+        .dt.total_seconds(fractional=True)
     ).to_series()
     median = step.median()
     gaps = int((step > 1.5 * median).sum()) if median else 0
     spread = frame.select(
         *[(pl.col(s).max() - pl.col(s).min()).alias(s) for s in sensors]
     ).row(0, named=True)
-    entities = frame.group_by(ENTITY, maintain_order=True).len()
-    entity_rows = dict(
-        zip(entities[ENTITY].to_list(), entities["len"].to_list(), strict=True)
-    )
+    rows = entity_rows(frame)
     summary: dict[str, Any] = {
         "median_step_seconds": median,
         "time_gaps": gaps,
         "constant_sensors": [s for s in sensors if spread[s] == 0],
-        "entity_rows": entity_rows,
+        "entity_rows": rows,
     }
     if rolling_window is not None:
         summary["short_entities"] = {
-            e: n for e, n in entity_rows.items() if n < rolling_window
+            e: n for e, n in rows.items() if n < rolling_window
         }
         if summary["short_entities"]:
             log.warning(
@@ -342,3 +383,9 @@ def summarize(
                 next(iter(summary["short_entities"].items())),
             )
     return summary
+
+
+def entity_rows(frame: pl.DataFrame) -> dict[str, int]:
+    """Rows per entity, in order, of a table with each entity's rows contiguous."""
+    runs = frame[ENTITY].rle().struct.unnest()
+    return dict(zip(runs["value"].to_list(), runs["len"].to_list(), strict=True))

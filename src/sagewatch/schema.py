@@ -100,13 +100,18 @@ def validate(
     *,
     label_windows: Any = None,
     rolling_window: int | None = None,
+    summary: bool = True,
 ) -> Dataset:
     """Turn a raw table into the canonical form, repairing by rule and counting.
+
+    ``summary=False`` leaves out of the report the sampling, gaps and spreads of
+    :func:`sagewatch.quality.summarize` (keeping the rows per entity), for a
+    caller that merges them over chunks itself.
 
     Raises:
         InputError: the table breaks the contract in a way no rule repairs.
     """
-    from sagewatch.quality import check_column_names, repair, summarize
+    from sagewatch.quality import check_column_names, entity_rows, repair, summarize
 
     if raw.height == 0:
         raise InputError(f"{source}: no data rows (the file is header only or empty)")
@@ -138,7 +143,10 @@ def validate(
     )
 
     frame, sensors = repair(frame, source, sensors, quality, report)
-    report.update(summarize(frame, sensors, rolling_window=rolling_window))
+    if summary:
+        report.update(summarize(frame, sensors, rolling_window=rolling_window))
+    else:
+        report["entity_rows"] = entity_rows(frame)
     log.info(
         "validated %s: %d rows in, %d rows out, %d entities, %d sensors%s",
         source,
@@ -322,6 +330,8 @@ def _separator_hint(raw: pl.DataFrame) -> str:
 
 def _attach_entity(frame: pl.DataFrame, column: str | None) -> pl.DataFrame:
     if column and column in frame.columns:
+        if frame[column].dtype == pl.String and _runs_stripped(frame[column]):
+            return frame.with_columns(frame[column].alias(ENTITY))
         text = frame[column].cast(pl.String).str.strip_chars()
         empty = text.is_null() | (text == "")
         if empty.any():
@@ -345,6 +355,18 @@ def _attach_entity(frame: pl.DataFrame, column: str | None) -> pl.DataFrame:
     return frame.with_columns(name.alias(ENTITY))
 
 
+def _runs_stripped(names: pl.Series) -> bool:
+    """Whether every name is present, not empty and stripped already, judged on
+    the first row of each run of equal names (the others equal it)."""
+    first = pl.int_range(pl.len()) == 0
+    head = pl.col("n").ne_missing(pl.col("n").shift(1)) | first
+    heads = names.to_frame("n").filter(head).to_series()
+    stripped = heads.str.strip_chars()
+    return (
+        not heads.null_count() and (stripped == heads).all() and (stripped != "").all()
+    )
+
+
 # ----------------------------------------------------------------------------- label
 
 
@@ -363,6 +385,12 @@ def _attach_label(
             )
         return frame
     values = frame[column]
+    if (
+        values.dtype.is_integer()
+        and not values.null_count()
+        and values.is_between(0, 1).all()
+    ):  # the usual case, with no value to refuse
+        return frame.with_columns(values.cast(pl.Int8).alias(LABEL))
     numeric = (
         values.str.strip_chars().cast(pl.Float64, strict=False)
         if values.dtype == pl.String

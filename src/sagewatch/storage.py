@@ -250,6 +250,8 @@ def write_json(uri: str, obj: Any) -> FileInfo:
 class _Staging:
     path: str
     info: FileInfo
+    # Size and SHA-256 of the finished file, from a writer that already hashed it.
+    known: FileInfo | None = None
 
 
 @contextlib.contextmanager
@@ -266,13 +268,13 @@ def _staged(
             staging.path = os.path.join(tmpdir, basename(uri) or "object")
             with _local_errors(uri, "write"):
                 yield staging
-            staging.info = _describe_local(staging.path, uri, rows)
+            staging.info = _describe_local(staging.path, uri, rows, staging.known)
             _s3.upload(staging.path, uri)
         return
     with _local_staged(uri) as tmp:
         staging.path = tmp
         yield staging
-        staging.info = _describe_local(tmp, uri, rows)
+        staging.info = _describe_local(tmp, uri, rows, staging.known)
 
 
 @contextlib.contextmanager
@@ -291,9 +293,13 @@ def _local_staged(uri: str) -> Iterator[str]:
 
 
 def _describe_local(
-    path: str, uri: str, rows: Callable[[str], int | None] | None
+    path: str,
+    uri: str,
+    rows: Callable[[str], int | None] | None,
+    known: FileInfo | None = None,
 ) -> FileInfo:
-    return replace(file_info(path, rows(path) if rows else None), uri=uri)
+    info = known or file_info(path)
+    return replace(info, uri=uri, rows=rows(path) if rows else info.rows)
 
 
 # ----------------------------------------------------------------------------- listing
