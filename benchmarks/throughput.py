@@ -238,11 +238,12 @@ def pyod_autoencoder(
     rng = np.random.default_rng(settings.model.seed)
     x_train = x_ref[np.sort(rng.choice(len(x_ref), min(n_train, len(x_ref)), False))]
     del table, ref, pl
+    code = detector.training_.get("encoding_dim") or detector.settings.encoding_dim
 
     model = AutoEncoder(
         epoch_num=epochs,
         batch_size=batch_size,
-        hidden_neuron_list=[*settings.model.hidden_dims, settings.model.encoding_dim],
+        hidden_neuron_list=[*detector.settings.hidden_dims, code],
         lr=settings.model.learning_rate,
         batch_norm=False,
         dropout_rate=0.0,
