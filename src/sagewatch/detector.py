@@ -391,8 +391,10 @@ class Detector:
         groups = np.array(
             [self.sensors_.index(sensor_of(f)) for f in self.feature_names_]
         )
-        per_sensor = np.zeros((contributions.shape[0], len(self.sensors_)))
-        np.add.at(per_sensor.T, groups, contributions.T)
+        per_sensor = np.empty((contributions.shape[0], len(self.sensors_)))
+        for sensor in range(len(self.sensors_)):
+            columns = np.flatnonzero(groups == sensor)
+            per_sensor[:, sensor] = contributions[:, columns].sum(axis=1)
         total = per_sensor.sum(axis=1, keepdims=True)
         return np.divide(
             per_sensor, total, out=np.zeros_like(per_sensor), where=total > 0
