@@ -69,6 +69,12 @@ def test_window_index_repeats_the_first_row_and_stops_at_entities() -> None:
     ]
 
 
+def test_window_index_for_chosen_ends_equals_the_full_index() -> None:
+    entity = np.array(["a", "a", "a", "b", "b"])
+
+    assert window_index(entity, 3, np.array([1, 4])).tolist() == [[0, 0, 1], [3, 3, 4]]
+
+
 @pytest.mark.parametrize("length", [2, 7, 16, 33])
 def test_autoencoder_restores_any_sequence_length(length: int) -> None:
     model = ConvAutoencoder(5, length, [8, 4], 3, 5)

@@ -76,7 +76,7 @@ def test_training_sequences_stride_and_held_out_rows() -> None:
     held = np.array([0, 0, 0, 0, 1, 1], dtype=bool)
     settings = ModelSettings(sequence_length=3, sequence_stride=2)
 
-    train, val = training_sequences(window_index(entity, 3), held, settings)
+    train, val = training_sequences(entity, held, settings, length=3)
 
     assert train.tolist() == [[0, 0, 0], [0, 1, 2]]  # ending at rows 0 and 2
     assert val.tolist() == [[2, 3, 4], [3, 4, 5]]
@@ -86,9 +86,7 @@ def test_training_sequences_sampled_down_to_the_cap() -> None:
     entity = np.array(["a"] * 100)
     settings = ModelSettings(sequence_length=2, sequence_stride=1, max_train_samples=10)
 
-    train, _ = training_sequences(
-        window_index(entity, 2), np.zeros(100, bool), settings
-    )
+    train, _ = training_sequences(entity, np.zeros(100, bool), settings, length=2)
 
     assert len(train) == 10
     assert np.all(np.diff(train[:, 1]) > 0)  # kept in time order
@@ -111,7 +109,7 @@ def test_training_sequences_validation_stride_counts_back_from_the_last() -> Non
     settings = ModelSettings(sequence_length=2, sequence_stride=4)
 
     train, val = training_sequences(
-        window_index(entity, 2), held, settings, validation_stride=2
+        entity, held, settings, length=2, validation_stride=2
     )
 
     assert train.tolist() == [[0, 0]]

@@ -186,8 +186,7 @@ class Detector:
         z = self.scaler_.transform(x, entity)
         with torch_threads(self.settings.threads):
             self.model_, self.training_ = self._fit_model(z, entity, held, progress)
-            scores, _ = self._score_scaled(z, entity, _positions(entity))
-        calibration = scores[held] if held.any() else scores
+            calibration = self._calibration_scores(z, entity, held)
         source = "held-out" if held.any() else "training"
         self.threshold_, self.threshold_rule_ = self._threshold(calibration, source)
         self.alarm_rule_ = {
@@ -217,9 +216,12 @@ class Detector:
 
         causal = self._causal
         context = self.network_context if causal else 0
-        index = window_index(entity, context + s.sequence_length)
         train_idx, val_idx = training_sequences(
-            index, held, s, validation_stride=s.sequence_length if causal else 1
+            entity,
+            held,
+            s,
+            length=context + s.sequence_length,
+            validation_stride=s.sequence_length if causal else 1,
         )
         code = s.encoding_dim or (max(1, len(self.sensors_) // 2) if causal else 16)
 
@@ -251,6 +253,24 @@ class Detector:
             "n_train": len(train_idx),
             "encoding_dim": code,
         }
+
+    def _calibration_scores(
+        self, z: np.ndarray, entity: np.ndarray, held: np.ndarray
+    ) -> np.ndarray:
+        """Scores of the held-out rows (all rows when none is held out).
+
+        Only the held-out rows and the :attr:`context_rows` rows before each
+        entity's first one are scored: the rest of the reference is not needed.
+        """
+        position = _positions(entity)
+        if not held.any():
+            return self._score_scaled(z, entity, position)[0]
+        run = np.cumsum(np.r_[True, entity[1:] != entity[:-1]]) - 1
+        first = np.full(run[-1] + 1, np.iinfo(np.int64).max)
+        np.minimum.at(first, run[held], position[held])
+        keep = position >= first[run] - self.context_rows
+        scores, _ = self._score_scaled(z[keep], entity[keep], position[keep])
+        return scores[held[keep]]
 
     def _threshold(
         self, scores: np.ndarray, source: str

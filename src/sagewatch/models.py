@@ -105,17 +105,21 @@ class Scaler:
         return np.clip(z, -CLIP, CLIP).astype(np.float32)
 
 
-def window_index(entity: np.ndarray, length: int) -> np.ndarray:
+def window_index(
+    entity: np.ndarray, length: int, ends: np.ndarray | None = None
+) -> np.ndarray:
     """Row numbers of the ``length`` rows ending at each row, within its entity.
 
     Rows must be grouped by entity and in time order. The first rows of an entity
-    repeat its first row where there is no earlier row. (rows, length)
+    repeat its first row where there is no earlier row. With ``ends``, only the
+    windows ending at those rows. (rows or ends, length)
     """
     n = len(entity)
     starts = np.r_[0, np.flatnonzero(entity[1:] != entity[:-1]) + 1]
     first = np.repeat(starts, np.diff(np.r_[starts, n]))  # (rows,)
+    ends = np.arange(n) if ends is None else np.asarray(ends, dtype=np.int64)
     offsets = np.arange(1 - length, 1)  # (length,)
-    return np.maximum(np.arange(n)[:, None] + offsets[None, :], first[:, None])
+    return np.maximum(ends[:, None] + offsets[None, :], first[ends][:, None])
 
 
 class ConvAutoencoder(nn.Module):

@@ -25,21 +25,25 @@ from tqdm.auto import tqdm
 from sagewatch.config import ModelSettings, ReferenceSettings, Settings
 from sagewatch.detector import Detector
 from sagewatch.errors import InputError
+from sagewatch.models import window_index
 from sagewatch.schema import ENTITY, TIMESTAMP
 
 log = logging.getLogger(__name__)
 
 
 def training_sequences(
-    index: np.ndarray,
+    entity: np.ndarray,
     held: np.ndarray,
     settings: ModelSettings,
     *,
+    length: int,
     validation_stride: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Row numbers of the training and validation sequences. (sequences, length)
 
-    ``index`` holds the window of rows ending at each row. Training sequences end
+    Sequences are the ``length`` rows ending at a row (see
+    :func:`~sagewatch.models.window_index`), built only for the rows chosen as
+    ends, so memory follows the sample, not the reference period. Training sequences end
     at every ``sequence_stride``-th row that is not held out, at most
     ``max_train_samples`` of them (a seeded sample); validation sequences end at
     every ``validation_stride``-th held-out row, counted back from the last.
@@ -50,7 +54,7 @@ def training_sequences(
         ends = np.sort(rng.choice(ends, settings.max_train_samples, replace=False))
         log.info("sampled %d training sequences", len(ends))
     held_ends = np.flatnonzero(held)[::-1][::validation_stride][::-1]
-    return index[ends], index[held_ends]
+    return window_index(entity, length, ends), window_index(entity, length, held_ends)
 
 
 def fit_autoencoder(
