@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from sagewatch.cli import main
 from sagewatch.config import Settings
 from sagewatch.detector import Detector
-from sagewatch.errors import ArtifactError, InputError, SchemaMismatchError
+from sagewatch.errors import ArtifactError, ConfigError, InputError, SchemaMismatchError
 from sagewatch.features import build_features, feature_names
 from sagewatch.schema import Dataset, load_raw
 from sagewatch.scoring import score_features
@@ -852,3 +852,35 @@ def test_cli_refuses_a_table_from_the_wrong_stage(
     assert result.exit_code == 3, result.output
     assert result.stderr == f"error: {expected.format(path=path)}\n"
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_cli_output_folder_that_is_a_file_is_one_error_line(tmp_path: Path) -> None:
+    path = _file(tmp_path, _rows(f"{_t(0)},m1,1,2", f"{_t(1)},m1,2,3"))
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep me")
+
+    result = CliRunner().invoke(
+        main, ["-q", "features", "--input", str(path), "--output-dir", str(blocker)]
+    )
+
+    assert result.exit_code == 4, result.output
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot write {blocker}/")
+    assert "Traceback" not in result.output
+    assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ({"hidden_dims": [0]}, "model.hidden_dims.0"),
+        ({"hidden_dims": [8, -3]}, "model.hidden_dims.1"),
+        ({"seed": -1}, "model.seed"),
+    ],
+    ids=["zero-channels", "negative-channels", "negative-seed"],
+)
+def test_impossible_model_settings_are_refused(
+    setting: dict[str, object], expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        Settings().with_overrides(setting)

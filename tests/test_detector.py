@@ -282,3 +282,34 @@ def test_attribution_names_the_sensor_with_the_injected_anomaly(
     assert flagged.height >= (3 if kind == "iforest" else 30)
     share = (flagged["top_sensor"] == "pressure").mean()
     assert share > 0.8, flagged["top_sensor"].value_counts()
+
+
+def test_load_refuses_weights_of_the_other_architecture(tmp_path: Path) -> None:
+    _fitted("causal").save(str(tmp_path))
+    meta = json.loads((tmp_path / "detector.json").read_text())
+    meta["model_settings"]["architecture"] = "window"
+    (tmp_path / "detector.json").write_text(json.dumps(meta))
+
+    with pytest.raises(ArtifactError, match="architecture type 'causal' differs"):
+        Detector.load(str(tmp_path))
+
+
+def test_causal_code_as_wide_as_the_sensors_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="sagewatch.detector"):
+        _fitted("causal", encoding_dim=3)
+
+    assert "encoding_dim=3 is not below the number of sensors (3)" in caplog.text
+
+
+def test_entities_no_longer_than_the_warm_up_are_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from sagewatch.scoring import warn_short_entities
+
+    with caplog.at_level("WARNING", logger="sagewatch.scoring"):
+        warn_short_entities({"a": 30, "b": 7, "c": 8}, warmup=7)
+
+    assert "1 entity has no more rows than the 7 warm-up rows" in caplog.text
+    assert caplog.text.rstrip().endswith("be flagged: ['b']")

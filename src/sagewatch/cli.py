@@ -346,8 +346,9 @@ def train_cmd(
     detector, record = stage_train(settings, input_uri, model_dir, progress=_progress())
     _stage_manifest(settings, record, model_dir)
     click.echo(
-        f"trained on {record.rows_out} rows; threshold {detector.threshold_:.6g}; "
-        f"saved to {model_dir}"
+        f"fitted on {record.rows_out} reference rows "
+        f"({detector.training_.get('n_train', record.rows_out)} training samples); "
+        f"threshold {detector.threshold_:.6g}; saved to {model_dir}"
     )
 
 

@@ -130,7 +130,9 @@ class ModelSettings(_Section):
     center_per_entity: bool = True
     architecture: Literal["window", "causal"] = "window"
     sequence_length: int = Field(default=16, ge=2)
-    hidden_dims: list[int] = Field(default_factory=lambda: [32], min_length=1)
+    hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [32], min_length=1
+    )
     encoding_dim: int | None = Field(default=None, ge=1)
     kernel_size: int = Field(default=5, ge=1)
     ensemble_size: int = Field(default=1, ge=1)
@@ -153,7 +155,7 @@ class ModelSettings(_Section):
     alarm_window: int = Field(default=1, ge=1)
     alarm_min_rows: int = Field(default=1, ge=1)
     threads: int | None = Field(default=1, ge=1)
-    seed: int = 42
+    seed: int = Field(default=42, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> ModelSettings:

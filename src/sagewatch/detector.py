@@ -224,6 +224,14 @@ class Detector:
             validation_stride=s.sequence_length if causal else 1,
         )
         code = s.encoding_dim or (max(1, len(self.sensors_) // 2) if causal else 16)
+        if causal and code >= len(self.sensors_):
+            log.warning(
+                "encoding_dim=%d is not below the number of sensors (%d): the causal "
+                "autoencoder can pass each row through its code and will miss "
+                "anomalies; use fewer code channels",
+                code,
+                len(self.sensors_),
+            )
 
         def build() -> nn.Module:
             if causal:
@@ -570,6 +578,11 @@ class Detector:
         arch = dict(meta["architecture"])
         arrays = {k: v.numpy() for k, v in state.items()}
         if meta["kind"] == "autoencoder":
+            if arch.get("type") != self.settings.architecture:
+                raise ValueError(
+                    f"architecture type {arch.get('type')!r} differs from "
+                    f"model_settings.architecture {self.settings.architecture!r}"
+                )
             members = arch.pop("members")
             self.model_ = [
                 _restore_member(arch, state, f"member{i}.") for i in range(members)
@@ -627,10 +640,11 @@ def _tile_index(
 def _restore_member(
     arch: dict[str, Any], state: dict[str, torch.Tensor], prefix: str
 ) -> nn.Module:
-    kind = arch.pop("type")
-    model = (
-        CausalConvAutoencoder(**arch) if kind == "causal" else ConvAutoencoder(**arch)
-    )
+    kind = arch.pop("type", None)
+    classes = {"window": ConvAutoencoder, "causal": CausalConvAutoencoder}
+    if kind not in classes:
+        raise ValueError(f"architecture type {kind!r}; expected 'window' or 'causal'")
+    model = classes[kind](**arch)
     own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     model.load_state_dict(own)
     return model.eval()

@@ -15,7 +15,7 @@ passthrough columns when the features carry them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 import numpy as np
@@ -106,14 +106,31 @@ def score_features(
     out = out.with_columns(features.select(extra)) if extra else out
     if not log_summary:
         return out
+    lengths = dict(zip(*np.unique(entity, return_counts=True), strict=True))
+    warn_short_entities(lengths, detector.warmup_rows)
     log.info(
-        "scored %d rows: %d above threshold %.6g (%.2f %%)",
+        "scored %d rows: %d flagged (threshold %.6g, %.2f %%)",
         out.height,
         int(out["is_anomaly"].sum()),
         threshold,
         100.0 * float(out["is_anomaly"].mean() or 0.0),
     )
     return out
+
+
+def warn_short_entities(rows: Mapping[str, int], warmup: int) -> None:
+    """Warn about entities whose rows are all warm-up rows (never flagged)."""
+    short = sorted(str(name) for name, n in rows.items() if n <= warmup)
+    if short:
+        log.warning(
+            "%d entit%s no more rows than the %d warm-up rows (rolling window, "
+            "sequence or receptive field, alarm window), so none of their rows can "
+            "be flagged: %s",
+            len(short),
+            "y has" if len(short) == 1 else "ies have",
+            warmup,
+            short[:5],
+        )
 
 
 def _positions(

@@ -289,7 +289,9 @@ def _local_staged(uri: str) -> Iterator[str]:
             os.replace(tmp, target)
         log.debug("wrote %s", uri)
     finally:
-        tmp.unlink(missing_ok=True)
+        # A parent that is not a folder fails here too; the error above says why.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def _describe_local(

@@ -964,7 +964,7 @@ def stream_scores(
         return None
     result.inputs = [storage.file_info(f, rows=rows[f]) for f in files]
     log.info(
-        "scored %d rows: %d above threshold %.6g (%.2f %%)",
+        "scored %d rows: %d flagged (threshold %.6g, %.2f %%)",
         result.rows,
         result.flagged,
         detector.threshold_,
@@ -990,7 +990,7 @@ def _stream_scores(
     progress: bool,
     rows: Counter[str],
 ) -> ScoresResult:
-    from sagewatch.scoring import score_features
+    from sagewatch.scoring import score_features, warn_short_entities
 
     context = context_rows(detector)
     result = ScoresResult()
@@ -1028,6 +1028,7 @@ def _stream_scores(
             sink.close()
     result.outputs = [sink.info for sink in sinks]
     bar.close()
+    warn_short_entities(scored, detector.warmup_rows)
     return result
 
 
