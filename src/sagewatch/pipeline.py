@@ -339,6 +339,12 @@ def read_features(uri: str) -> pl.DataFrame:
             f"{uri}: no '<sensor>__<statistic>' columns or no typed timestamps; "
             f"expected {what}"
         )
+    entity, time = pl.col(ENTITY), pl.col(TIMESTAMP)
+    in_order = (entity > entity.shift(1)) | (
+        (entity == entity.shift(1)) & (time >= time.shift(1))
+    )
+    if features.select(in_order.fill_null(True).all()).item():
+        return features  # as written by `sagewatch features`: no sorted copy
     return features.sort([ENTITY, TIMESTAMP], maintain_order=True)
 
 

@@ -29,6 +29,8 @@ from sagewatch.models import window_index
 from sagewatch.schema import ENTITY, TIMESTAMP
 
 log = logging.getLogger(__name__)
+# Validation sequences per forward pass (memory stays bounded on long references).
+_EVAL_BATCH = 4096
 
 
 def training_sequences(
@@ -46,7 +48,8 @@ def training_sequences(
     ends, so memory follows the sample, not the reference period. Training sequences end
     at every ``sequence_stride``-th row that is not held out, at most
     ``max_train_samples`` of them (a seeded sample); validation sequences end at
-    every ``validation_stride``-th held-out row, counted back from the last.
+    every ``validation_stride``-th held-out row, counted back from the last, at
+    most a quarter of ``max_train_samples`` of them (a seeded sample).
     """
     ends = np.flatnonzero(~held)[:: settings.sequence_stride]
     if len(ends) > settings.max_train_samples:
@@ -54,6 +57,11 @@ def training_sequences(
         ends = np.sort(rng.choice(ends, settings.max_train_samples, replace=False))
         log.info("sampled %d training sequences", len(ends))
     held_ends = np.flatnonzero(held)[::-1][::validation_stride][::-1]
+    cap = max(settings.max_train_samples // 4, 1)
+    if len(held_ends) > cap:
+        rng = np.random.default_rng(settings.seed + 1)
+        held_ends = np.sort(rng.choice(held_ends, cap, replace=False))
+        log.info("sampled %d validation sequences", len(held_ends))
     return window_index(entity, length, ends), window_index(entity, length, held_ends)
 
 
@@ -84,7 +92,7 @@ def fit_autoencoder(
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     rows = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
     train = torch.from_numpy(train_idx)
-    val = rows[torch.from_numpy(val_idx)]  # (sequences, length, features)
+    val = torch.from_numpy(val_idx)
     generator = torch.Generator().manual_seed(seed)
 
     history: list[dict[str, float]] = []
@@ -101,7 +109,11 @@ def fit_autoencoder(
         train_loss = _epoch(
             model, optimiser, rows, train, settings.batch_size, generator, context
         )
-        val_loss = _evaluate(model, val, context) if len(val) else train_loss
+        val_loss = (
+            _evaluate(model, rows, val, settings.batch_size, context)
+            if len(val)
+            else train_loss
+        )
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
         log.debug("epoch=%d train_loss=%.6f val_loss=%.6f", epoch, train_loss, val_loss)
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
@@ -163,10 +175,24 @@ def _epoch(
     return total / len(index)
 
 
-def _evaluate(model: nn.Module, x: torch.Tensor, context: int) -> float:
+def _evaluate(
+    model: nn.Module,
+    rows: torch.Tensor,  # (rows, features)
+    index: torch.Tensor,  # (sequences, length)
+    batch_size: int,
+    context: int,
+) -> float:
+    """Mean squared error over the sequences, in batches of bounded memory."""
     model.eval()
+    step = max(batch_size, _EVAL_BATCH)
+    total, count = 0.0, 0
     with torch.no_grad():
-        return float(torch.mean(torch.square(model(x)[:, context:] - x[:, context:])))
+        for start in range(0, len(index), step):
+            x = rows[index[start : start + step]]  # (batch, length, features)
+            error = torch.square(model(x)[:, context:] - x[:, context:])
+            total += float(error.double().sum())
+            count += error.numel()
+    return total / max(count, 1)
 
 
 def reference_mask(frame: pl.DataFrame, settings: ReferenceSettings) -> pl.Series:
