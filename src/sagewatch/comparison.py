@@ -16,6 +16,7 @@ import polars as pl
 
 from sagewatch.config import Settings
 from sagewatch.evaluation import METRIC_KEYS, evaluate
+from sagewatch.pipeline import detector_label
 from sagewatch.schema import LABEL
 from sagewatch.scoring import score_features
 from sagewatch.training import fit_detector
@@ -60,7 +61,7 @@ def compare_detectors(
         detector, _ = fit_detector(features, feature_columns, other)
         scores = score_features(features, detector)
         seconds = round(time.perf_counter() - started, 3)
-        rows.append(metrics_row(kind, evaluate(scores), seconds))
+        rows.append(metrics_row(detector_label(kind, other), evaluate(scores), seconds))
         log.info(
             "comparison: %s F1 %s PR-AUC %s",
             kind,

@@ -325,6 +325,13 @@ def scores_columns(scores: pl.DataFrame | str) -> list[str]:
     return storage.scan_table(scores).collect_schema().names()
 
 
+def detector_label(kind: str, settings: Settings) -> str:
+    """A detector's name in reports; the autoencoder says which architecture."""
+    if kind == "autoencoder":
+        return f"autoencoder ({settings.model.architecture})"
+    return kind
+
+
 def read_features(uri: str) -> pl.DataFrame:
     """Read a features table (file or folder of parts) in canonical order.
 
@@ -412,7 +419,7 @@ def run(
 
     context = {
         "input": input_uri,
-        "detector": settings.model.detector,
+        "detector": detector_label(settings.model.detector, settings),
         "data_quality": stages[-3].details["quality"],
         "comparison": [],
     }
