@@ -64,8 +64,10 @@ from sagewatch.models import (
     ConvAutoencoder,
     IsolationTrees,
     Scaler,
+    entity_runs,
     fit_pca,
     pca_reconstruct,
+    row_positions,
     window_index,
 )
 from sagewatch.thresholds import alarms, pot_threshold, quantile_threshold
@@ -270,10 +272,10 @@ class Detector:
         Only the held-out rows and the :attr:`context_rows` rows before each
         entity's first one are scored: the rest of the reference is not needed.
         """
-        position = _positions(entity)
+        position = row_positions(entity)
         if not held.any():
             return self._score_scaled(z, entity, position)[0]
-        run = np.cumsum(np.r_[True, entity[1:] != entity[:-1]]) - 1
+        run, _ = entity_runs(entity)
         first = np.full(run[-1] + 1, np.iinfo(np.int64).max)
         np.minimum.at(first, run[held], position[held])
         keep = position >= first[run] - self.context_rows
@@ -328,7 +330,7 @@ class Detector:
         """
         self._check_fitted()
         entity = np.asarray(entity).astype(str)
-        position = _positions(entity) if position is None else np.asarray(position)
+        position = row_positions(entity) if position is None else np.asarray(position)
         z = self.scaler_.transform(x, entity)
         with torch_threads(self.settings.threads):
             return self._score_scaled(z, entity, position)
@@ -593,13 +595,6 @@ class Detector:
             self.model_ = arrays
 
 
-def _positions(entity: np.ndarray) -> np.ndarray:
-    """Row number of each row within its entity; rows grouped by entity. (rows,)"""
-    n = len(entity)
-    starts = np.r_[0, np.flatnonzero(entity[1:] != entity[:-1]) + 1]
-    return np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
-
-
 def _tile_index(
     entity: np.ndarray, position: np.ndarray, context: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -621,11 +616,9 @@ def _tile_index(
             np.zeros(0, np.int64),
         )
     tile = position // TILE_ROWS
-    new_run = np.r_[True, entity[1:] != entity[:-1]]
-    run_start = np.flatnonzero(new_run)
+    run, run_start = entity_runs(entity)
     run_end = np.r_[run_start[1:], n] - 1
-    run = np.cumsum(new_run) - 1
-    new_tile = new_run | np.r_[True, tile[1:] != tile[:-1]]
+    new_tile = np.r_[True, (run[1:] != run[:-1]) | (tile[1:] != tile[:-1])]
     tile_of = np.cumsum(new_tile) - 1
     first = np.flatnonzero(new_tile)  # first row of each tile in the block
     tile_start = tile[first] * TILE_ROWS  # row number where each tile starts

@@ -105,6 +105,21 @@ class Scaler:
         return np.clip(z, -CLIP, CLIP).astype(np.float32)
 
 
+def entity_runs(entity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's run number and the first row of each run of equal entities.
+
+    Rows grouped by entity make one run per entity. Returns (rows,) and (runs,).
+    """
+    new = np.r_[True, entity[1:] != entity[:-1]] if len(entity) else np.zeros(0, bool)
+    return np.cumsum(new) - 1, np.flatnonzero(new)
+
+
+def row_positions(entity: np.ndarray) -> np.ndarray:
+    """Row number of each row within its entity; rows grouped by entity. (rows,)"""
+    run, starts = entity_runs(entity)
+    return np.arange(len(entity)) - starts[run]
+
+
 def window_index(
     entity: np.ndarray, length: int, ends: np.ndarray | None = None
 ) -> np.ndarray:
@@ -114,10 +129,9 @@ def window_index(
     repeat its first row where there is no earlier row. With ``ends``, only the
     windows ending at those rows. (rows or ends, length)
     """
-    n = len(entity)
-    starts = np.r_[0, np.flatnonzero(entity[1:] != entity[:-1]) + 1]
-    first = np.repeat(starts, np.diff(np.r_[starts, n]))  # (rows,)
-    ends = np.arange(n) if ends is None else np.asarray(ends, dtype=np.int64)
+    run, starts = entity_runs(entity)
+    first = starts[run]  # (rows,)
+    ends = np.arange(len(entity)) if ends is None else np.asarray(ends, np.int64)
     offsets = np.arange(1 - length, 1)  # (length,)
     return np.maximum(ends[:, None] + offsets[None, :], first[ends][:, None])
 
