@@ -446,7 +446,12 @@ def main() -> None:
     parser.add_argument(
         "--config", default=None, help="settings file for train and score"
     )
-    parser.add_argument("--workdir", default=None, help="default: a temporary folder")
+    parser.add_argument(
+        "--workdir", default=None, help="kept; default: a temporary folder, removed"
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary folder's data"
+    )
     parser.add_argument(
         "--json", default=str(ROOT / "benchmarks" / "results" / "throughput.json")
     )
@@ -456,6 +461,12 @@ def main() -> None:
         child(json.loads(args.child))
         return
 
+    too_small = [r for r in args.sizes if r < 100 * args.machines]
+    if too_small:
+        parser.error(
+            f"sizes {too_small} give fewer than 100 rows per machine for "
+            f"--machines {args.machines}; use larger sizes or fewer machines"
+        )
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     env["EPOCHS"] = ""  # the stages read their settings from flags only
     env["BATCH_SIZE"] = str(args.batch_size)
@@ -483,7 +494,11 @@ def main() -> None:
     for name, check in report["goals"].items():
         flag = "met" if check["met"] else "NOT met"
         print(f"{name:<24} {check['value']:>14.4g}  goal {check['goal']:<10g} {flag}")
-    print(f"\nwrote {args.json}; data under {workdir}")
+    if args.workdir or args.keep:
+        print(f"\nwrote {args.json}; data under {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+        print(f"\nwrote {args.json}; removed {workdir}")
 
 
 if __name__ == "__main__":
