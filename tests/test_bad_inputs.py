@@ -186,6 +186,17 @@ def test_column_named_like_the_label_but_not_mapped_is_refused(tmp_path: Path) -
     )
 
 
+def test_entity_column_missing_while_machine_id_exists_says_both(
+    tmp_path: Path,
+) -> None:
+    path = _file(tmp_path, f"timestamp,machine_id,temp\n{_t(0)},m1,1\n")
+    assert _refusal(path, entity_column="nope") == (
+        f"{path}: column 'machine_id' would be overwritten by the column mapped by "
+        "entity_column ('nope') (no column 'nope' in this file, so the file name "
+        "would be used); rename it, or set entity_column: machine_id"
+    )
+
+
 def test_more_sensors_than_max_sensors_are_refused(tmp_path: Path) -> None:
     names = [f"s{i}" for i in range(1001)]
     header = "timestamp,machine_id," + ",".join(names) + "\n"

@@ -72,10 +72,15 @@ def check_column_names(raw: pl.DataFrame, data: DataSettings) -> None:
     }
     for canonical, (setting, mapped) in roles.items():
         if canonical in raw.columns and mapped != canonical:
+            absent = (
+                f" (no column {mapped!r} in this file, so the file name would be used)"
+                if canonical == ENTITY and mapped and mapped not in raw.columns
+                else ""
+            )
             raise InputError(
                 f"{source}: column {canonical!r} would be overwritten by the "
-                f"column mapped by {setting} ({mapped!r}); rename it, or set "
-                f"{setting}: {canonical}"
+                f"column mapped by {setting} ({mapped!r}){absent}; rename it, or "
+                f"set {setting}: {canonical}"
             )
 
 
