@@ -19,21 +19,20 @@ from sagewatch.scoring import score_features
 from sagewatch.synthetic import generate
 from sagewatch.training import fit_detector
 
-KINDS = ("autoencoder", "pca", "iforest", "causal")
-FAST = {
-    "sequence_length": 8,
-    "hidden_dims": [8],
-    "encoding_dim": 4,
-    "kernel_size": 3,
-    "epochs": 3,
-    "iforest_trees": 20,
-}
+# "autoencoder" is its default (dense) architecture; "window" and "causal" name the
+# convolutional ones.
+KINDS = ("autoencoder", "window", "causal", "pca", "iforest")
+FAST = {"epochs": 3, "iforest_trees": 20}
+CONV = {"sequence_length": 8, "hidden_dims": [8], "encoding_dim": 4, "kernel_size": 3}
 
 
 def _model(kind: str, **extra: object) -> ModelSettings:
-    if kind == "causal":  # the autoencoder's causal architecture
+    if kind == "window":
+        return ModelSettings(**{**FAST, **CONV, "architecture": "window", **extra})
+    if kind == "causal":
+        causal = {"hidden_dims": [8, 8], "score_window": 8}
         return ModelSettings(
-            **{**FAST, "architecture": "causal", "hidden_dims": [8, 8], **extra}
+            **{**FAST, **CONV, "architecture": "causal", **causal, **extra}
         )
     return ModelSettings(**{**FAST, "detector": kind, **extra})
 
@@ -73,12 +72,12 @@ def test_detector_save_load_gives_identical_scores(kind: str, tmp_path: Path) ->
     assert loaded.threshold_ == detector.threshold_
     assert loaded.context_rows == detector.context_rows
     meta = json.loads((tmp_path / "detector.json").read_text())
-    assert meta["kind"] == ("autoencoder" if kind == "causal" else kind)
+    assert meta["kind"] == ("autoencoder" if kind in ("window", "causal") else kind)
     assert meta["threshold"]["rule"] == "pot"
     assert meta["alarm"] == {"rule": "min_rows_of_window", "min_rows": 1, "window": 1}
 
 
-@pytest.mark.parametrize("kind", ["autoencoder", "pca", "causal"])
+@pytest.mark.parametrize("kind", ["autoencoder", "window", "causal", "pca"])
 def test_detector_scores_an_outlier_above_normal_rows(kind: str) -> None:
     detector = _fitted(kind, epochs=30)
     x, entity = _reference(seed=2)
@@ -141,9 +140,50 @@ def test_causal_row_ignores_later_rows_and_rows_beyond_its_receptive_field() -> 
     assert np.array_equal(after[40 + field + 1 :], before[40 + field + 1 :])
 
 
+def test_dense_scores_do_not_depend_on_where_a_block_starts() -> None:
+    detector = _fitted("autoencoder")
+    x, entity = _reference(seed=3)
+    position = np.r_[np.arange(60), np.arange(60)]
+    whole, contributions = detector.score_rows(x, entity)
+    context = detector.context_rows
+    assert context == 11  # score window - 1
+
+    for start in (1, 11, 12, 40, 61, 75, 119):
+        lead = min(start, context)
+        part, part_contributions = detector.score_rows(
+            x[start - lead :], entity[start - lead :], position[start - lead :]
+        )
+        assert np.array_equal(part[lead:], whole[start:]), start
+        assert np.array_equal(part_contributions[lead:], contributions[start:])
+
+
+def test_dense_row_score_averages_the_errors_of_its_score_window() -> None:
+    detector = _fitted("autoencoder", score_window=4)
+    x, entity = _reference(seed=3)
+    single = _fitted("autoencoder", score_window=1).score_samples(x, entity)
+
+    score = detector.score_samples(x, entity)
+
+    # Same seed and data: the two detectors share their network.
+    assert score[70] == pytest.approx(single[67:71].mean(), rel=1e-12)
+    # An entity's first rows: its first row stands in for the missing ones.
+    assert score[61] == pytest.approx((3 * single[60] + single[61]) / 4, rel=1e-12)
+
+
+def test_dense_defaults_scale_with_the_features() -> None:
+    detector = _fitted("autoencoder")
+
+    network = detector.model_[0]
+
+    assert detector.hidden_dims == [2]  # round(3/4 of 3 features)
+    assert (network.hidden_dims, network.encoding_dim) == ([2], 1)
+    assert detector.training_["encoding_dim"] == 1
+
+
 def test_detector_context_rows() -> None:
-    assert Detector(_model("autoencoder")).context_rows == 7
-    assert Detector(_model("autoencoder", alarm_window=5)).context_rows == 11
+    assert Detector(_model("autoencoder")).context_rows == 11
+    assert Detector(_model("window")).context_rows == 7
+    assert Detector(_model("window", alarm_window=5)).context_rows == 11
     assert Detector(_model("pca")).context_rows == 0
     assert (
         Detector(_model("iforest", alarm_window=3, alarm_min_rows=2)).context_rows == 2

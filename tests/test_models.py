@@ -1,4 +1,4 @@
-"""Scaler, sequence windows, the convolutional autoencoder and the array forest."""
+"""Scaler, windows, the autoencoders and the array forest."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import torch
 from sagewatch.errors import NotFittedError
 from sagewatch.models import (
     ConvAutoencoder,
+    DenseAutoencoder,
     IsolationTrees,
     Scaler,
     average_path_length,
+    trailing_mean,
     window_index,
 )
 
@@ -105,3 +107,27 @@ def test_isolation_trees_score_like_scikit_learn() -> None:
 
     assert trees.score(test) == pytest.approx(expected, abs=1e-12)
     assert trees.score(test)[-5:].min() > trees.score(test)[:50].max()
+
+
+def test_trailing_mean_stays_within_each_entity() -> None:
+    values = np.array([1.0, 2.0, 3.0, 4.0, 10.0, 20.0])
+    entity = np.array(list("aaaabb"))
+
+    out = trailing_mean(values, entity, 3)
+
+    # An entity's first row stands in for the rows before it.
+    assert np.allclose(out, [1.0, 4 / 3, 2.0, 3.0, 10.0, 40 / 3])
+    assert trailing_mean(values, entity, 1) is values
+
+
+def test_dense_autoencoder_keeps_the_shape_of_any_batch() -> None:
+    net = DenseAutoencoder(6, [4], 2)
+
+    assert net(torch.zeros(5, 6)).shape == (5, 6)
+    assert net(torch.zeros(5, 1, 6)).shape == (5, 1, 6)
+    assert net.arguments() == {
+        "type": "dense",
+        "n_features": 6,
+        "hidden_dims": [4],
+        "encoding_dim": 2,
+    }

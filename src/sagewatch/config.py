@@ -128,21 +128,21 @@ class ModelSettings(_Section):
 
     detector: Literal["autoencoder", "pca", "iforest"] = "autoencoder"
     center_per_entity: bool = True
-    architecture: Literal["window", "causal"] = "window"
+    architecture: Literal["dense", "window", "causal"] = "dense"
     sequence_length: int = Field(default=16, ge=2)
-    hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(
-        default_factory=lambda: [32], min_length=1
+    hidden_dims: list[Annotated[int, Field(ge=1)]] | None = Field(
+        default=None, min_length=1
     )
     encoding_dim: int | None = Field(default=None, ge=1)
     kernel_size: int = Field(default=5, ge=1)
     ensemble_size: int = Field(default=1, ge=1)
-    epochs: int = Field(default=30, ge=1)
+    epochs: int = Field(default=60, ge=1)
     batch_size: int = Field(default=128, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)
     validation_fraction: float = Field(default=0.2, ge=0, lt=1)
     patience: int = Field(default=5, ge=1)
-    sequence_stride: int = Field(default=2, ge=1)
-    score_window: int = Field(default=8, ge=1)
+    sequence_stride: int = Field(default=1, ge=1)
+    score_window: int = Field(default=12, ge=1)
     max_train_samples: int = Field(default=200_000, ge=10)
     pca_variance: float = Field(default=0.95, gt=0, le=1)
     iforest_trees: int = Field(default=100, ge=1)

@@ -4,10 +4,12 @@ The detector follows scikit-learn's habits: ``__init__`` stores arguments, ``fit
 learns the attributes with a trailing underscore, and scoring before ``fit`` raises
 :class:`NotFittedError`. Three models share one interface:
 
-* ``autoencoder`` (default): a causal 1-D convolutional autoencoder (an ensemble
-  over seeds) that reconstructs each feature row from it and the
-  :attr:`Detector.receptive_field` rows before it; the row's score is the mean
-  squared error of its reconstruction.
+* ``autoencoder`` (default; an ensemble over seeds when asked), in one of three
+  architectures: ``dense`` (default) reconstructs each feature row on its own and
+  a row's score is the mean squared error of the last ``score_window`` rows;
+  ``window`` reconstructs the ``sequence_length`` rows ending at each row;
+  ``causal`` reconstructs each row from it and the rows before it in one pass
+  per series.
 * ``pca``: squared error of the reconstruction from the principal components.
 * ``iforest``: Isolation Forest score.
 
@@ -62,12 +64,14 @@ from sagewatch.features import SEPARATOR, sensor_of, sensors_of
 from sagewatch.models import (
     CausalConvAutoencoder,
     ConvAutoencoder,
+    DenseAutoencoder,
     IsolationTrees,
     Scaler,
     entity_runs,
     fit_pca,
     pca_reconstruct,
     row_positions,
+    trailing_mean,
     window_index,
 )
 from sagewatch.thresholds import alarms, pot_threshold, quantile_threshold
@@ -77,9 +81,11 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 3
 WEIGHTS = "weights.pt"
 METADATA = "detector.json"
-# Rows go through PCA in blocks of exactly this many (zero-padded), so a row's
-# score does not depend on how the rows were cut into blocks.
+# Rows go through PCA and the window autoencoder in blocks of exactly this many
+# (zero-padded), so a row's score does not depend on how the rows were cut into
+# blocks; the dense autoencoder takes larger blocks of _DENSE_BATCH rows.
 _FORWARD_BATCH = 512
+_DENSE_BATCH = 4096
 # The autoencoder scores rows in tiles of TILE_ROWS rows aligned on the row number
 # within the entity, _TILE_BATCH tiles (zero-padded) per network call.
 TILE_ROWS = 256
@@ -117,6 +123,20 @@ class Detector:
         return self.network_context + s.score_window - 1
 
     @property
+    def hidden_dims(self) -> list[int]:
+        """The autoencoder's hidden layer widths: the setting, else the default.
+
+        The dense default is one layer of three quarters of the features; the
+        convolutional ones default to 32 channels.
+        """
+        s = self.settings
+        if s.hidden_dims is not None:
+            return list(s.hidden_dims)
+        if s.architecture == "dense":
+            return [max(1, round(0.75 * len(self.feature_names_)))]
+        return [32]
+
+    @property
     def _causal(self) -> bool:
         s = self.settings
         return s.detector == "autoencoder" and s.architecture == "causal"
@@ -125,11 +145,12 @@ class Detector:
     def network_context(self) -> int:
         """Earlier rows that the autoencoder's reconstruction of a row sees."""
         s = self.settings
-        if s.detector != "autoencoder":
+        if s.detector != "autoencoder" or s.architecture == "dense":
             return 0
         if s.architecture == "window":
             return s.sequence_length - 1
-        return 2 * sum((s.kernel_size - 1) * 2**i for i in range(len(s.hidden_dims)))
+        layers = len(s.hidden_dims or [32])
+        return 2 * sum((s.kernel_size - 1) * 2**i for i in range(layers))
 
     @property
     def context_rows(self) -> int:
@@ -217,15 +238,18 @@ class Detector:
         from sagewatch.training import fit_autoencoder, training_sequences
 
         causal = self._causal
+        dense = s.architecture == "dense"
         context = self.network_context if causal else 0
         train_idx, val_idx = training_sequences(
             entity,
             held,
             s,
-            length=context + s.sequence_length,
+            length=1 if dense else context + s.sequence_length,
             validation_stride=s.sequence_length if causal else 1,
         )
-        code = s.encoding_dim or (max(1, len(self.sensors_) // 2) if causal else 16)
+        hidden = self.hidden_dims
+        width = z.shape[1]
+        code = s.encoding_dim or _default_code(s.architecture, width, self.sensors_)
         if causal and code >= len(self.sensors_):
             log.warning(
                 "encoding_dim=%d is not below the number of sensors (%d): the causal "
@@ -236,12 +260,12 @@ class Detector:
             )
 
         def build() -> nn.Module:
+            if dense:
+                return DenseAutoencoder(z.shape[1], hidden, code)
             if causal:
-                return CausalConvAutoencoder(
-                    z.shape[1], s.hidden_dims, code, s.kernel_size
-                )
+                return CausalConvAutoencoder(z.shape[1], hidden, code, s.kernel_size)
             return ConvAutoencoder(
-                z.shape[1], s.sequence_length, s.hidden_dims, code, s.kernel_size
+                z.shape[1], s.sequence_length, hidden, code, s.kernel_size
             )
 
         members, summaries = [], []
@@ -350,11 +374,31 @@ class Detector:
                 recon = pca_reconstruct(self.model_, block)[: len(rows)]
                 errors[start : start + len(rows)] = np.square(rows - recon)
             return errors.mean(axis=1), errors
-        if self._causal:
+        if self.settings.architecture == "dense":
+            errors = self._dense_errors(z, entity)
+        elif self._causal:
             errors = self._row_errors(z, entity, position)
         else:
             errors = self._sequence_errors(z, entity)
         return errors.mean(axis=1), errors
+
+    def _dense_errors(self, z: np.ndarray, entity: np.ndarray) -> np.ndarray:
+        """Squared error per feature, averaged over the members and over the
+        ``score_window`` rows ending at each row. (rows, features)
+        """
+        source = torch.from_numpy(np.ascontiguousarray(z))
+        errors = np.empty(z.shape, dtype=np.float64)
+        block = torch.zeros((_DENSE_BATCH, z.shape[1]))  # (batch, features)
+        with torch.no_grad():
+            for start in range(0, len(z), _DENSE_BATCH):
+                rows = source[start : start + _DENSE_BATCH]
+                block.zero_()
+                block[: len(rows)] = rows
+                total = torch.zeros(rows.shape, dtype=torch.float64)
+                for member in self.model_:
+                    total += (member(block)[: len(rows)] - rows).square().double()
+                errors[start : start + len(rows)] = (total / len(self.model_)).numpy()
+        return trailing_mean(errors, entity, self.settings.score_window)
 
     def _sequence_errors(self, z: np.ndarray, entity: np.ndarray) -> np.ndarray:
         """Mean squared error per feature over each row's sequence. (rows, features)"""
@@ -634,13 +678,29 @@ def _restore_member(
     arch: dict[str, Any], state: dict[str, torch.Tensor], prefix: str
 ) -> nn.Module:
     kind = arch.pop("type", None)
-    classes = {"window": ConvAutoencoder, "causal": CausalConvAutoencoder}
+    classes = {
+        "dense": DenseAutoencoder,
+        "window": ConvAutoencoder,
+        "causal": CausalConvAutoencoder,
+    }
     if kind not in classes:
-        raise ValueError(f"architecture type {kind!r}; expected 'window' or 'causal'")
+        raise ValueError(
+            f"architecture type {kind!r}; expected one of {sorted(classes)}"
+        )
     model = classes[kind](**arch)
     own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     model.load_state_dict(own)
     return model.eval()
+
+
+def _default_code(architecture: str, features: int, sensors: Sequence[str]) -> int:
+    """Code width when ``encoding_dim`` is not set: half the features (dense),
+    half the sensors (causal), 16 channels (window)."""
+    if architecture == "dense":
+        return max(1, features // 2)
+    if architecture == "causal":
+        return max(1, len(sensors) // 2)
+    return 16
 
 
 def _check_restored(detector: Detector) -> None:

@@ -4,7 +4,9 @@
   entity on its own reference rows.
 * :func:`window_index` turns rows in time order into sequences of ``length`` rows
   ending at each row, never crossing entities.
-* :class:`ConvAutoencoder` reconstructs such sequences with strided 1-D
+* :class:`DenseAutoencoder` reconstructs each feature row on its own;
+  :func:`trailing_mean` averages its errors over the last rows of the entity.
+* :class:`ConvAutoencoder` reconstructs sequences with strided 1-D
   convolutions; :class:`CausalConvAutoencoder` reconstructs each row from it and
   earlier rows with causal 1-D convolutions, in one pass over a long series.
 * :func:`fit_pca` / :func:`pca_reconstruct` are the PCA reconstruction baseline.
@@ -134,6 +136,66 @@ def window_index(
     ends = np.arange(len(entity)) if ends is None else np.asarray(ends, np.int64)
     offsets = np.arange(1 - length, 1)  # (length,)
     return np.maximum(ends[:, None] + offsets[None, :], first[ends][:, None])
+
+
+def trailing_mean(values: np.ndarray, entity: np.ndarray, window: int) -> np.ndarray:
+    """Mean of each row and the ``window - 1`` rows before it, within its entity.
+
+    Rows must be grouped by entity and in time order; at an entity's start its first
+    row stands in for the missing earlier ones (as in :func:`window_index`). The
+    rows of a window are added in the same order wherever a block starts, so a row
+    gets the same value in any block that holds its window. (rows, ...)
+    """
+    if window <= 1:
+        return values
+    run, starts = entity_runs(entity)
+    first = starts[run]  # (rows,)
+    rows = np.arange(len(entity))
+    total = np.zeros_like(values, dtype=np.float64)
+    for back in range(window - 1, -1, -1):
+        total += values[np.maximum(rows - back, first)]
+    return total / window
+
+
+class DenseAutoencoder(nn.Module):
+    """Reconstructs each feature row from itself through a narrower code.
+
+    Fully connected layers of ``hidden_dims`` units, then ``encoding_dim`` code
+    units, mirrored back to the features. The rolling features already describe
+    the recent past of each sensor, so one row carries the history the model needs;
+    a row costs a few thousand multiply-adds, whatever the length of its past.
+    """
+
+    def __init__(
+        self, n_features: int, hidden_dims: Sequence[int], encoding_dim: int
+    ) -> None:
+        super().__init__()
+        self.n_features = n_features
+        self.hidden_dims = list(hidden_dims)
+        self.encoding_dim = encoding_dim
+        widths = [n_features, *hidden_dims, encoding_dim]
+        encoder: list[nn.Module] = []
+        for a, b in itertools.pairwise(widths):
+            encoder += [nn.Linear(a, b), nn.ReLU()]
+        decoder: list[nn.Module] = []
+        back = widths[::-1]
+        for a, b in itertools.pairwise(back[:-1]):
+            decoder += [nn.Linear(a, b), nn.ReLU()]
+        decoder.append(nn.Linear(back[-2], n_features))
+        self.encoder = nn.Sequential(*encoder)
+        self.decoder = nn.Sequential(*decoder)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., features)
+        return self.decoder(self.encoder(x))  # (..., features)
+
+    def arguments(self) -> dict[str, Any]:
+        """The constructor's arguments, as stored in ``detector.json``."""
+        return {
+            "type": "dense",
+            "n_features": self.n_features,
+            "hidden_dims": self.hidden_dims,
+            "encoding_dim": self.encoding_dim,
+        }
 
 
 class ConvAutoencoder(nn.Module):
