@@ -191,22 +191,10 @@ def pandas_pipeline(
 
     detector = Detector.load(model_dir)
     x = feats[detector.feature_names_].to_numpy()
-    errors = detector.errors(x, feats["machine_id"].to_numpy())
-    per_sensor = pd.DataFrame(
-        {
-            s: errors[
-                :,
-                [
-                    i
-                    for i, f in enumerate(detector.feature_names_)
-                    if f.startswith(s + "__")
-                ],
-            ].sum(axis=1)
-            for s in detector.sensors_
-        }
-    )
+    score, contributions = detector.score_rows(x, feats["machine_id"].to_numpy())
+    per_sensor = pd.DataFrame(contributions, columns=detector.sensors_)
     scores = feats[["timestamp", "machine_id"]].copy()
-    scores["anomaly_score"] = errors.mean(axis=1)
+    scores["anomaly_score"] = score
     scores["threshold"] = detector.threshold_
     scores["is_anomaly"] = (scores["anomaly_score"] > detector.threshold_).astype(int)
     scores["top_sensor"] = per_sensor.idxmax(axis=1)
@@ -238,12 +226,12 @@ def pyod_autoencoder(
     rng = np.random.default_rng(settings.model.seed)
     x_train = x_ref[np.sort(rng.choice(len(x_ref), min(n_train, len(x_ref)), False))]
     del table, ref, pl
-    code = detector.training_.get("encoding_dim") or detector.settings.encoding_dim
+    network = detector.model_[0]  # the layers the detector resolved
 
     model = AutoEncoder(
         epoch_num=epochs,
         batch_size=batch_size,
-        hidden_neuron_list=[*detector.settings.hidden_dims, code],
+        hidden_neuron_list=[*network.hidden_dims, network.encoding_dim],
         lr=settings.model.learning_rate,
         batch_norm=False,
         dropout_rate=0.0,

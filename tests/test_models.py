@@ -117,6 +117,7 @@ def test_trailing_mean_stays_within_each_entity() -> None:
 
     # An entity's first row stands in for the rows before it.
     assert np.allclose(out, [1.0, 4 / 3, 2.0, 3.0, 10.0, 40 / 3])
+    assert np.allclose(trailing_mean(values[:2], entity[:2], 3), [1.0, 4 / 3])
     assert trailing_mean(values, entity, 1) is values
 
 

@@ -346,7 +346,10 @@ class Detector:
     def score_rows(
         self, x: np.ndarray, entity: np.ndarray, position: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Anomaly score (rows,) and per-feature contributions (rows, features).
+        """Anomaly score (rows,) and per-sensor contributions (rows, sensors).
+
+        A sensor's contribution is the sum over its features of their part of the
+        score (squared reconstruction errors; see the module docstring).
 
         ``position`` gives each row's number within its entity (default: the rows
         of each entity here are its first ones). A row's score is exact when the
@@ -363,7 +366,9 @@ class Detector:
         self, z: np.ndarray, entity: np.ndarray, position: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(self.model_, IsolationTrees):
-            return self.model_.score(z), np.square(z, dtype=np.float64)
+            return self.model_.score(z), self._per_sensor(
+                np.square(z, dtype=np.float64)
+            )
         if isinstance(self.model_, dict):
             errors = np.empty(z.shape, dtype=np.float64)
             block = np.zeros((_FORWARD_BATCH, z.shape[1]), dtype=z.dtype)
@@ -373,21 +378,36 @@ class Detector:
                 block[: len(rows)] = rows
                 recon = pca_reconstruct(self.model_, block)[: len(rows)]
                 errors[start : start + len(rows)] = np.square(rows - recon)
-            return errors.mean(axis=1), errors
+            return errors.mean(axis=1), self._per_sensor(errors)
         if self.settings.architecture == "dense":
-            errors = self._dense_errors(z, entity)
-        elif self._causal:
+            return self._dense_scores(z, entity)
+        if self._causal:
             errors = self._row_errors(z, entity, position)
         else:
             errors = self._sequence_errors(z, entity)
-        return errors.mean(axis=1), errors
+        return errors.mean(axis=1), self._per_sensor(errors)
 
-    def _dense_errors(self, z: np.ndarray, entity: np.ndarray) -> np.ndarray:
-        """Squared error per feature, averaged over the members and over the
-        ``score_window`` rows ending at each row. (rows, features)
+    def _per_sensor(self, values: np.ndarray) -> np.ndarray:
+        """Per-feature values summed per sensor. (rows, features) -> (rows, sensors)"""
+        groups = [self.sensors_.index(sensor_of(f)) for f in self.feature_names_]
+        if groups == sorted(groups):  # sensor by sensor, as the features stage writes
+            starts = np.flatnonzero(np.diff(np.r_[-1, groups]))
+            return np.add.reduceat(values, starts, axis=1)
+        out = np.zeros((values.shape[0], len(self.sensors_)))
+        for column, sensor in enumerate(groups):
+            out[:, sensor] += values[:, column]
+        return out
+
+    def _dense_scores(
+        self, z: np.ndarray, entity: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Mean squared error of each row and its per-sensor sums, averaged over the
+        members and over the ``score_window`` rows ending at the row.
+
+        Returns (rows,) and (rows, sensors).
         """
         source = torch.from_numpy(np.ascontiguousarray(z))
-        errors = np.empty(z.shape, dtype=np.float64)
+        per_row = np.empty((len(z), 1 + len(self.sensors_)))  # score, then sensors
         block = torch.zeros((_DENSE_BATCH, z.shape[1]))  # (batch, features)
         with torch.no_grad():
             for start in range(0, len(z), _DENSE_BATCH):
@@ -397,8 +417,12 @@ class Detector:
                 total = torch.zeros(rows.shape, dtype=torch.float64)
                 for member in self.model_:
                     total += (member(block)[: len(rows)] - rows).square().double()
-                errors[start : start + len(rows)] = (total / len(self.model_)).numpy()
-        return trailing_mean(errors, entity, self.settings.score_window)
+                errors = (total / len(self.model_)).numpy()  # (batch, features)
+                part = per_row[start : start + len(rows)]
+                part[:, 0] = errors.mean(axis=1)
+                part[:, 1:] = self._per_sensor(errors)
+        smoothed = trailing_mean(per_row, entity, self.settings.score_window)
+        return smoothed[:, 0], smoothed[:, 1:]
 
     def _sequence_errors(self, z: np.ndarray, entity: np.ndarray) -> np.ndarray:
         """Mean squared error per feature over each row's sequence. (rows, features)"""
@@ -452,8 +476,8 @@ class Detector:
                 errors[start : start + len(tiles)] = mean.numpy()
         return errors[tile_of, offset]
 
-    def errors(self, x: np.ndarray, entity: np.ndarray) -> np.ndarray:
-        """Per-feature contributions to each row's score. (rows, features)"""
+    def contributions(self, x: np.ndarray, entity: np.ndarray) -> np.ndarray:
+        """Each sensor's contribution to each row's score. (rows, sensors)"""
         return self.score_rows(x, entity)[1]
 
     def score_samples(self, x: np.ndarray, entity: np.ndarray) -> np.ndarray:
@@ -462,16 +486,9 @@ class Detector:
 
     def attribution(self, contributions: np.ndarray) -> np.ndarray:
         """Each sensor's share of a row's contributions. (rows, sensors)"""
-        groups = np.array(
-            [self.sensors_.index(sensor_of(f)) for f in self.feature_names_]
-        )
-        per_sensor = np.empty((contributions.shape[0], len(self.sensors_)))
-        for sensor in range(len(self.sensors_)):
-            columns = np.flatnonzero(groups == sensor)
-            per_sensor[:, sensor] = contributions[:, columns].sum(axis=1)
-        total = per_sensor.sum(axis=1, keepdims=True)
+        total = contributions.sum(axis=1, keepdims=True)
         return np.divide(
-            per_sensor, total, out=np.zeros_like(per_sensor), where=total > 0
+            contributions, total, out=np.zeros_like(contributions), where=total > 0
         )
 
     def alarms(self, scores: np.ndarray, entity: np.ndarray) -> np.ndarray:

@@ -142,18 +142,26 @@ def trailing_mean(values: np.ndarray, entity: np.ndarray, window: int) -> np.nda
     """Mean of each row and the ``window - 1`` rows before it, within its entity.
 
     Rows must be grouped by entity and in time order; at an entity's start its first
-    row stands in for the missing earlier ones (as in :func:`window_index`). The
-    rows of a window are added in the same order wherever a block starts, so a row
-    gets the same value in any block that holds its window. (rows, ...)
+    row stands in for the missing earlier ones (as in :func:`window_index`). Every
+    row's window is added up oldest row first, so a row gets the same value in any
+    block that holds its window. (rows, ...)
     """
     if window <= 1:
         return values
+    n = len(values)
+    total = np.zeros(values.shape, dtype=np.float64)
+    for back in range(min(window, n + 1) - 1, -1, -1):
+        total[back:] += values[: n - back]
+    # The first window - 1 rows of each entity reached into the entity before.
     run, starts = entity_runs(entity)
-    first = starts[run]  # (rows,)
-    rows = np.arange(len(entity))
-    total = np.zeros_like(values, dtype=np.float64)
-    for back in range(window - 1, -1, -1):
-        total += values[np.maximum(rows - back, first)]
+    position = np.arange(n) - starts[run]
+    near = np.flatnonzero(position < window - 1)
+    if len(near):
+        first = starts[run[near]]
+        fixed = np.zeros((len(near), *values.shape[1:]), dtype=np.float64)
+        for back in range(window - 1, -1, -1):
+            fixed += values[np.maximum(near - back, first)]
+        total[near] = fixed
     return total / window
 
 

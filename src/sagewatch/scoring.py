@@ -23,6 +23,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from sagewatch.detector import Detector
+from sagewatch.models import entity_runs
 from sagewatch.schema import ENTITY, LABEL, TIMESTAMP
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def score_features(
             position[start - lead : stop],
         )
         scores[start:stop] = score[lead:]
-        top[start:stop] = detector.attribution(contributions[lead:]).argmax(axis=1)
+        top[start:stop] = contributions[lead:].argmax(axis=1)
         bar.update(stop - start)
     bar.close()
 
@@ -106,7 +107,9 @@ def score_features(
     out = out.with_columns(features.select(extra)) if extra else out
     if not log_summary:
         return out
-    lengths = dict(zip(*np.unique(entity, return_counts=True), strict=True))
+    run_starts = entity_runs(entity)[1]
+    run_lengths = np.diff(np.r_[run_starts, len(entity)])
+    lengths = dict(zip(entity[run_starts], run_lengths.tolist(), strict=True))
     warn_short_entities(lengths, detector.warmup_rows)
     log.info(
         "scored %d rows: %d flagged (threshold %.6g, %.2f %%)",
