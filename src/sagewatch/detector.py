@@ -67,6 +67,7 @@ from sagewatch.models import (
     DenseAutoencoder,
     IsolationTrees,
     Scaler,
+    dense_forward,
     entity_runs,
     fit_pca,
     pca_reconstruct,
@@ -85,7 +86,7 @@ METADATA = "detector.json"
 # (zero-padded), so a row's score does not depend on how the rows were cut into
 # blocks; the dense autoencoder takes larger blocks of _DENSE_BATCH rows.
 _FORWARD_BATCH = 512
-_DENSE_BATCH = 4096
+_DENSE_BATCH = 8192
 # The autoencoder scores rows in tiles of TILE_ROWS rows aligned on the row number
 # within the entity, _TILE_BATCH tiles (zero-padded) per network call.
 TILE_ROWS = 256
@@ -196,7 +197,7 @@ class Detector:
         Raises:
             ValueError: fewer than 2 training rows.
         """
-        entity = np.asarray(entity).astype(str)
+        entity = _names(entity)
         held = np.zeros(len(x), bool) if validation is None else validation
         if np.sum(~held) < 2:
             raise ValueError(f"need at least 2 reference rows to fit, got {len(x)}")
@@ -356,7 +357,7 @@ class Detector:
         :attr:`context_rows` rows of its entity before it are passed too.
         """
         self._check_fitted()
-        entity = np.asarray(entity).astype(str)
+        entity = _names(entity)
         position = row_positions(entity) if position is None else np.asarray(position)
         z = self.scaler_.transform(x, entity)
         with torch_threads(self.settings.threads):
@@ -404,23 +405,22 @@ class Detector:
         """Mean squared error of each row and its per-sensor sums, averaged over the
         members and over the ``score_window`` rows ending at the row.
 
-        Returns (rows,) and (rows, sensors).
+        The network runs in numpy (see :func:`~sagewatch.models.dense_forward`), on
+        zero-padded blocks of a fixed size. Returns (rows,) and (rows, sensors).
         """
-        source = torch.from_numpy(np.ascontiguousarray(z))
+        layers = [m.layers() for m in self.model_]
         per_row = np.empty((len(z), 1 + len(self.sensors_)))  # score, then sensors
-        block = torch.zeros((_DENSE_BATCH, z.shape[1]))  # (batch, features)
-        with torch.no_grad():
-            for start in range(0, len(z), _DENSE_BATCH):
-                rows = source[start : start + _DENSE_BATCH]
-                block.zero_()
-                block[: len(rows)] = rows
-                total = torch.zeros(rows.shape, dtype=torch.float64)
-                for member in self.model_:
-                    total += (member(block)[: len(rows)] - rows).square().double()
-                errors = (total / len(self.model_)).numpy()  # (batch, features)
-                part = per_row[start : start + len(rows)]
-                part[:, 0] = errors.mean(axis=1)
-                part[:, 1:] = self._per_sensor(errors)
+        block = np.zeros((_DENSE_BATCH, z.shape[1]), dtype=np.float32)
+        for start in range(0, len(z), _DENSE_BATCH):
+            rows = z[start : start + _DENSE_BATCH]  # (batch, features)
+            block[: len(rows)] = rows
+            total = np.zeros(rows.shape)
+            for member in layers:
+                total += np.square(dense_forward(member, block)[: len(rows)] - rows)
+            errors = total / len(layers)
+            part = per_row[start : start + len(rows)]
+            part[:, 0] = errors.mean(axis=1)
+            part[:, 1:] = self._per_sensor(errors)
         smoothed = trailing_mean(per_row, entity, self.settings.score_window)
         return smoothed[:, 0], smoothed[:, 1:]
 
@@ -496,7 +496,7 @@ class Detector:
         self._check_fitted()
         return alarms(
             scores > self.threshold_,
-            np.asarray(entity).astype(str),
+            _names(entity),
             min_rows=self.alarm_rule_["min_rows"],
             window=self.alarm_rule_["window"],
         )
@@ -654,6 +654,12 @@ class Detector:
             self.model_ = IsolationTrees(arrays, float(arch["path_length_normaliser"]))
         else:
             self.model_ = arrays
+
+
+def _names(entity: np.ndarray | Sequence[Any]) -> np.ndarray:
+    """Entity names as an array of strings (objects from a table stay as they are)."""
+    names = np.asarray(entity)
+    return names if names.dtype.kind in "OU" else names.astype(str)
 
 
 def _tile_index(

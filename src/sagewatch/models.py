@@ -92,13 +92,13 @@ class Scaler:
 
     def centers(self, entity: np.ndarray) -> np.ndarray:
         """The centre each row is measured from. (rows, features)"""
-        out = np.broadcast_to(self.center_, (len(entity), len(self.center_))).copy()
-        if self.entity_center_:
-            for name in dict.fromkeys(entity.tolist()):
-                center = self.entity_center_.get(str(name))
-                if center is not None:
-                    out[entity == name] = center
-        return out
+        if not self.entity_center_ or not len(entity):
+            return np.broadcast_to(self.center_, (len(entity), len(self.center_)))
+        run, starts = entity_runs(entity)
+        table = np.stack(
+            [self.entity_center_.get(str(e), self.center_) for e in entity[starts]]
+        )  # (runs, features)
+        return table[run]
 
     def transform(self, x: np.ndarray, entity: np.ndarray) -> np.ndarray:
         if not hasattr(self, "scale_"):
@@ -196,6 +196,19 @@ class DenseAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., features)
         return self.decoder(self.encoder(x))  # (..., features)
 
+    def layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Weights (in, out) and biases of each linear layer, for :func:`dense_forward`.
+
+        Kept after the first call: the model is trained by then.
+        """
+        if not hasattr(self, "_layers"):
+            linear = [m for m in self.modules() if isinstance(m, nn.Linear)]
+            self._layers = [
+                (m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy())
+                for m in linear
+            ]
+        return self._layers
+
     def arguments(self) -> dict[str, Any]:
         """The constructor's arguments, as stored in ``detector.json``."""
         return {
@@ -204,6 +217,23 @@ class DenseAutoencoder(nn.Module):
             "hidden_dims": self.hidden_dims,
             "encoding_dim": self.encoding_dim,
         }
+
+
+def dense_forward(
+    layers: Sequence[tuple[np.ndarray, np.ndarray]], x: np.ndarray
+) -> np.ndarray:
+    """A :class:`DenseAutoencoder`'s output computed with numpy. (rows, features)
+
+    Scoring uses this instead of torch: torch's CPU matrix product rounds a row
+    differently depending on its place in the batch, numpy's (OpenBLAS) does not,
+    so a row scores the same in any block.
+    """
+    for i, (weight, bias) in enumerate(layers):
+        x = x @ weight
+        x += bias
+        if i < len(layers) - 1:
+            np.maximum(x, 0.0, out=x)
+    return x
 
 
 class ConvAutoencoder(nn.Module):

@@ -38,7 +38,7 @@ SCORE_COLUMNS = (
 SCORE_PASSTHROUGH = (LABEL, "anomaly_kind", "changepoint")
 # Rows per block handed to the detector, which pads its own network batches, so a
 # row's score does not depend on how the table was cut into blocks or chunks.
-BATCH_ROWS = 8_192
+BATCH_ROWS = 65_536
 
 
 def score_features(

@@ -962,7 +962,7 @@ def stream_scores(
     except (_Fallback, InputError, pl.exceptions.PolarsError) as exc:
         log.info("%s: not streamed (%s); reading it whole", features_uri, exc)
         return None
-    result.inputs = [storage.file_info(f, rows=rows[f]) for f in files]
+    result.inputs = [replace(info, rows=rows[info.uri]) for info in result.inputs]
     log.info(
         "scored %d rows: %d flagged (threshold %.6g, %.2f %%)",
         result.rows,
@@ -997,12 +997,21 @@ def _stream_scores(
     bar = Progress("score", total, show=progress)
     carry: pl.DataFrame | None = None
     scored: Counter[str] = Counter()  # rows scored so far per entity
+    written: Future[None] | None = None
     with contextlib.ExitStack() as stack:
         sinks = [
             stack.enter_context(_TableSink(storage.join(output_dir, name)))
             for name in outputs
         ]
-        for chunk in feature_chunks(files, chunk_rows, rows):
+        # Exited before the sinks close: a write in flight ends first. One thread
+        # writes chunk k while chunk k + 1 is scored; another hashes the inputs
+        # for the manifest.
+        writer = stack.enter_context(ThreadPoolExecutor(1, "sagewatch-scores"))
+        reader = stack.enter_context(ThreadPoolExecutor(1, "sagewatch-read"))
+        hasher = stack.enter_context(ThreadPoolExecutor(1, "sagewatch-hash"))
+        hashes = [hasher.submit(storage.file_info, f) for f in files]
+        chunks = _read_ahead(feature_chunks(files, chunk_rows, rows), reader)
+        for chunk in chunks:
             frame = chunk.frame
             lead = 0
             if context and chunk.continues and carry is not None:
@@ -1016,20 +1025,39 @@ def _stream_scores(
                 log_summary=False,
                 continued=(first, scored[first] - lead) if chunk.continues else None,
             ).slice(lead)
-            scored.update(chunk.frame[ENTITY].cast(pl.String).to_list())
+            counts = chunk.frame[ENTITY].cast(pl.String).value_counts()
+            scored.update(dict(counts.iter_rows()))
             if context:
                 carry = _entity_tail(frame, context)
-            for sink in sinks:
-                sink.write(scores)
+            if written is not None:
+                written.result()  # at most one chunk waits; its error surfaces here
+            written = writer.submit(_write_each, sinks, scores)
             result.rows += scores.height
             result.flagged += int(scores["is_anomaly"].sum())
             bar.update(chunk.frame.height)
+        if written is not None:
+            written.result()
         for sink in sinks:
             sink.close()
+        result.inputs = [h.result() for h in hashes]
     result.outputs = [sink.info for sink in sinks]
     bar.close()
     warn_short_entities(scored, detector.warmup_rows)
     return result
+
+
+def _read_ahead(items: Iterator[Chunk], pool: ThreadPoolExecutor) -> Iterator[Chunk]:
+    """Yield from ``items`` while ``pool`` already reads the next one."""
+    done = object()
+    pending = pool.submit(next, items, done)
+    while (item := pending.result()) is not done:
+        pending = pool.submit(next, items, done)
+        yield item  # type: ignore[misc]
+
+
+def _write_each(sinks: list[_TableSink], frame: pl.DataFrame) -> None:
+    for sink in sinks:
+        sink.write(frame)
 
 
 def _entity_tail(frame: pl.DataFrame, rows: int) -> pl.DataFrame:
