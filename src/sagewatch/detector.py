@@ -94,15 +94,18 @@ _TILE_BATCH = 32
 
 
 @contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run torch with ``threads`` intra-op threads, then restore the setting."""
+def compute_threads(threads: int | None) -> Iterator[None]:
+    """Run torch and numpy's BLAS with ``threads`` threads, then restore both."""
     if threads is None:
         yield
         return
+    from threadpoolctl import threadpool_limits
+
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        yield
+        with threadpool_limits(limits=threads, user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(before)
 
@@ -208,7 +211,7 @@ class Detector:
             x[~held], entity[~held], groups
         )
         z = self.scaler_.transform(x, entity)
-        with torch_threads(self.settings.threads):
+        with compute_threads(self.settings.threads):
             self.model_, self.training_ = self._fit_model(z, entity, held, progress)
             calibration = self._calibration_scores(z, entity, held)
         source = "held-out" if held.any() else "training"
@@ -360,7 +363,7 @@ class Detector:
         entity = _names(entity)
         position = row_positions(entity) if position is None else np.asarray(position)
         z = self.scaler_.transform(x, entity)
-        with torch_threads(self.settings.threads):
+        with compute_threads(self.settings.threads):
             return self._score_scaled(z, entity, position)
 
     def _score_scaled(

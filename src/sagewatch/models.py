@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -92,19 +92,31 @@ class Scaler:
 
     def centers(self, entity: np.ndarray) -> np.ndarray:
         """The centre each row is measured from. (rows, features)"""
-        if not self.entity_center_ or not len(entity):
-            return np.broadcast_to(self.center_, (len(entity), len(self.center_)))
-        run, starts = entity_runs(entity)
-        table = np.stack(
-            [self.entity_center_.get(str(e), self.center_) for e in entity[starts]]
-        )  # (runs, features)
-        return table[run]
+        out = np.empty((len(entity), len(self.center_)))
+        for start, stop, center in self._runs(entity):
+            out[start:stop] = center
+        return out
 
     def transform(self, x: np.ndarray, entity: np.ndarray) -> np.ndarray:
         if not hasattr(self, "scale_"):
             raise NotFittedError("Scaler is not fitted; call fit first")
-        z = (x - self.centers(entity)) / self.scale_
-        return np.clip(z, -CLIP, CLIP).astype(np.float32)
+        z = np.array(x, dtype=np.float64)  # (rows, features), a copy to work in
+        for start, stop, center in self._runs(entity):
+            z[start:stop] -= center
+        z /= self.scale_
+        np.clip(z, -CLIP, CLIP, out=z)
+        return z.astype(np.float32)
+
+    def _runs(self, entity: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+        """First row, end and centre of each run of rows of one entity."""
+        if not self.entity_center_:
+            yield 0, len(entity), self.center_
+            return
+        _, starts = entity_runs(entity)
+        stops = np.r_[starts[1:], len(entity)]
+        for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
+            name = str(entity[start])
+            yield start, stop, self.entity_center_.get(name, self.center_)
 
 
 def entity_runs(entity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
 from sagewatch.detector import Detector
-from sagewatch.models import entity_runs
+from sagewatch.models import row_positions
 from sagewatch.schema import ENTITY, LABEL, TIMESTAMP
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,8 @@ def score_features(
     detector.check_columns(features.columns, source)
     names = detector.feature_names_
     context = detector.context_rows
-    entity = features[ENTITY].cast(pl.String).to_numpy()
-    position = _positions(features, entity, continued)
+    entity, run_starts = _entities(features)
+    position = _positions(features, entity, run_starts, continued)
     scores = np.empty(features.height)
     top = np.empty(features.height, dtype=np.int64)
     bar = tqdm(
@@ -101,13 +101,14 @@ def score_features(
         pl.lit(threshold, dtype=pl.Float64).alias("threshold"),
         pl.Series("is_anomaly", _flags(entity, position, detector, scores)),
         sensors.gather(top),
-        _in_reference(features, getattr(detector, "reference_end_", None)),
+        _in_reference(
+            features, entity, run_starts, getattr(detector, "reference_end_", None)
+        ),
     )
     extra = [c for c in passthrough if c in features.columns]
     out = out.with_columns(features.select(extra)) if extra else out
     if not log_summary:
         return out
-    run_starts = entity_runs(entity)[1]
     run_lengths = np.diff(np.r_[run_starts, len(entity)])
     lengths = dict(zip(entity[run_starts], run_lengths.tolist(), strict=True))
     warn_short_entities(lengths, detector.warmup_rows)
@@ -136,11 +137,31 @@ def warn_short_entities(rows: Mapping[str, int], warmup: int) -> None:
         )
 
 
+def _entities(features: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's entity name (rows,) and the first row of each run of one entity.
+
+    Built from the runs: a table holds few runs of many rows each.
+    """
+    runs = features[ENTITY].cast(pl.String).rle().struct.unnest()
+    lengths = runs["len"].to_numpy()
+    names = np.empty(len(lengths), dtype=object)
+    names[:] = runs["value"].to_list()
+    starts = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)
+    return np.repeat(names, lengths), starts[: len(lengths)]
+
+
 def _positions(
-    features: pl.DataFrame, entity: np.ndarray, continued: tuple[str, int] | None
+    features: pl.DataFrame,
+    entity: np.ndarray,
+    run_starts: np.ndarray,
+    continued: tuple[str, int] | None,
 ) -> np.ndarray:
     """Each row's number within its entity, counting rows of earlier chunks."""
-    position = features.select(pl.int_range(pl.len()).over(ENTITY)).to_numpy()[:, 0]
+    if len(set(entity[run_starts].tolist())) == len(run_starts):
+        position = row_positions(entity)
+    else:  # an entity in several runs: count its rows across them
+        position = features.select(pl.int_range(pl.len()).over(ENTITY))
+        position = position.to_numpy()[:, 0]
     if continued is not None:
         name, offset = continued
         position = np.where(entity == name, position + offset, position)
@@ -159,21 +180,28 @@ def _flags(
     return np.where(warm, 0, flags).astype(np.int8)
 
 
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 def _in_reference(
-    features: pl.DataFrame, reference_end: dict[str, str] | None
+    features: pl.DataFrame,
+    entity: np.ndarray,
+    run_starts: np.ndarray,
+    reference_end: dict[str, str] | None,
 ) -> pl.Series:
     """1 for rows at or before the end of their entity's reference period."""
     if not reference_end:
         return pl.Series("in_reference", np.zeros(features.height, dtype=np.int8))
-    ends = pl.DataFrame(
-        {
-            ENTITY: list(reference_end),
-            "__end": [datetime.fromisoformat(v) for v in reference_end.values()],
-        },
-        schema_overrides={"__end": pl.Datetime("us", "UTC")},
-    )
-    joined = features.select(TIMESTAMP, ENTITY).join(
-        ends, on=ENTITY, how="left", maintain_order="left"
-    )
-    flag = (joined[TIMESTAMP] <= joined["__end"]).fill_null(False)
-    return flag.cast(pl.Int8).alias("in_reference")
+    stamps = features[TIMESTAMP].dt.convert_time_zone("UTC").dt.epoch("us")
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    ends = {
+        name: (_utc(datetime.fromisoformat(end)) - epoch) // timedelta(microseconds=1)
+        for name, end in reference_end.items()
+    }
+    lengths = np.diff(np.r_[run_starts, len(entity)])
+    # An entity without a reference period never counts as inside one.
+    run_end = [ends.get(name, np.iinfo(np.int64).min) for name in entity[run_starts]]
+    end = np.repeat(np.asarray(run_end, dtype=np.int64), lengths)
+    flag = stamps.fill_null(np.iinfo(np.int64).max).to_numpy() <= end
+    return pl.Series("in_reference", flag.astype(np.int8))
