@@ -34,6 +34,7 @@ REQUIREMENTS = (
     "polars>=1.20",
     "pyarrow>=15",
     "scikit-learn>=1.4",
+    "threadpoolctl>=3.1",
     "pydantic>=2.6",
     "pyyaml>=6",
     "click>=8.1",
