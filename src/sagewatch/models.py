@@ -72,8 +72,7 @@ class Scaler:
         self.entity_center_: dict[str, np.ndarray] = {}
         deviation = x - self.center_
         if self.per_entity:
-            for name in dict.fromkeys(entity.tolist()):
-                rows = entity == name
+            for name, rows in _entity_rows(entity):
                 self.entity_center_[str(name)] = x[rows].mean(axis=0)
                 deviation[rows] = x[rows] - self.entity_center_[str(name)]
         spread = np.sqrt(np.mean(np.square(deviation), axis=0))
@@ -117,6 +116,19 @@ class Scaler:
         for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
             name = str(entity[start])
             yield start, stop, self.entity_center_.get(name, self.center_)
+
+
+def _entity_rows(entity: np.ndarray) -> Iterator[tuple[Any, slice | np.ndarray]]:
+    """Each entity and its rows: a slice when its rows are one run, else a mask."""
+    _, starts = entity_runs(entity)
+    names = entity[starts].tolist()
+    if len(set(names)) < len(names):  # some entity comes back later
+        for name in dict.fromkeys(names):
+            yield name, entity == name
+        return
+    stops = np.r_[starts[1:], len(entity)].tolist()
+    for name, start, stop in zip(names, starts.tolist(), stops, strict=True):
+        yield name, slice(start, stop)
 
 
 def entity_runs(entity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

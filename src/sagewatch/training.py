@@ -89,7 +89,9 @@ def fit_autoencoder(
     """
     torch.manual_seed(seed)
     model = build()
-    optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    optimiser = torch.optim.Adam(
+        model.parameters(), lr=settings.learning_rate, fused=True
+    )
     rows = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
     train = torch.from_numpy(train_idx)
     val = torch.from_numpy(val_idx)
