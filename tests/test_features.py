@@ -11,12 +11,20 @@ import pytest
 
 from sagewatch.config import DataSettings, FeatureSettings, QualitySettings
 from sagewatch.errors import InputError
-from sagewatch.features import build_features, feature_block, feature_names
+from sagewatch.features import (
+    as_stored,
+    build_features,
+    feature_block,
+    feature_names,
+)
 from sagewatch.schema import ENTITY, TIMESTAMP, validate
 
 ALL = ["value", "mean", "std", "min", "max", "range", "slope", "change"]
 X = [1.0, 3.0, 2.0, 5.0, 4.0, 4.0, 4.0, 10.0, 0.0, 2.0]
 START = datetime(2024, 1, 1, tzinfo=UTC)
+# Features are stored as float32: rounding to the nearest float32 moves a value by
+# at most 2^-24 of itself. The float64 kernel adds at most ~1e-12 of its own.
+F32 = 2.0**-24
 
 # Window 3 over X, worked out by hand: mean, sample std, min, max, least-squares
 # slope against the row index, difference to the previous row.
@@ -80,7 +88,9 @@ def test_every_statistic_matches_hand_computed_values() -> None:
     assert out.columns == [TIMESTAMP, ENTITY, *feature_names(["x"], ALL)]
     assert out["x__value"].to_list() == X
     for stat, expected in EXPECTED.items():
-        assert out[f"x__{stat}"].to_list() == pytest.approx(expected, abs=1e-12), stat
+        assert out[f"x__{stat}"].to_list() == pytest.approx(
+            expected, rel=F32 + 1e-12, abs=1e-12
+        ), stat
 
 
 @pytest.mark.parametrize("window", [2, 3, 4, 5, 7, 8, 12, 13, 31])
@@ -96,7 +106,7 @@ def test_matches_the_definition_for_any_window(window: int) -> None:
         got = out.filter(pl.col(ENTITY) == name)
         for stat, expected in _brute_force(values, window).items():
             assert got[f"x__{stat}"].to_list() == pytest.approx(
-                expected, rel=1e-11, abs=1e-11
+                expected, rel=F32 + 1e-11, abs=1e-11
             ), (window, name, stat)
 
 
@@ -115,7 +125,8 @@ def test_constant_sensor_has_exactly_zero_spread_and_slope() -> None:
 
     for stat in ("std", "range", "slope", "change"):
         assert out[f"x__{stat}"].to_list() == [0.0] * 30, stat
-    assert out["x__mean"].to_list() == pytest.approx([96.1234] * 30, abs=1e-12)
+    # The float64 mean of a constant window is exact, so it rounds like the reading.
+    assert out["x__mean"].to_list() == [float(np.float32(96.1234))] * 30
 
 
 def test_one_row_entity_and_window_longer_than_entity() -> None:
@@ -133,29 +144,92 @@ def test_one_row_entity_and_window_longer_than_entity() -> None:
     assert out["x__std"].to_list() == pytest.approx([0.0, 0.0, 2**0.5])
 
 
-def test_blocks_give_identical_bits_wherever_they_are_cut() -> None:
+def _block(values, starts, lead, settings, dtype, **kwargs) -> np.ndarray:
+    shape = (values.shape[0], len(settings.statistics), values.shape[1])
+    out = np.empty(shape, dtype=dtype)
+    return feature_block(values, starts, lead, settings, out=out, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_blocks_give_identical_bits_wherever_they_are_cut(dtype) -> None:
     rng = np.random.default_rng(0)
     values = rng.normal(50, 10, (2, 500))
     settings = FeatureSettings(rolling_window=12, statistics=ALL)
     starts = np.array([0, 137, 139, 400])
-    whole = feature_block(values, starts, 0, settings)
+    whole = _block(values, starts, 0, settings, dtype)
 
     for cut in (1, 5, 11, 12, 13, 137, 138, 150, 499):
         context = min(11, cut)
         begin = cut - context
         owner = int(np.searchsorted(starts, begin, side="right") - 1)
         inside = starts[(starts > begin)] - begin
-        part = feature_block(values[:, begin:], inside, begin - starts[owner], settings)
+        lead = begin - starts[owner]
+        part = _block(values[:, begin:], inside, lead, settings, dtype)
         assert np.array_equal(part[:, context:], whole[:, cut:]), cut
 
 
-def test_a_reused_output_array_gives_the_same_features() -> None:
+@pytest.mark.parametrize("window", [2, 5, 12])
+def test_float32_features_are_the_float64_ones_rounded_once(window: int) -> None:
+    # A level of 1e7 moving by about 0.1 (float32 steps are 1 there): rounding
+    # intermediate results to float32 would show in every statistic.
+    rng = np.random.default_rng(window)
+    values = 1e7 + rng.normal(0, 0.1, (3, 9_000)).cumsum(axis=1)
+    values[1] = rng.normal(0, 1e-3, 9_000)
+    settings = FeatureSettings(rolling_window=window, statistics=ALL)
+    starts = np.array([0, 1, 3, 4_100, 4_101, 8_999])
+    exact = feature_block(values, starts, 0, settings)  # (features, rows)
+
+    for threads in (1, 3):  # blocks of 4096 rows computed in turn or at once
+        stored = _block(values, starts, 0, settings, np.float32, threads=threads)
+        assert stored.dtype == np.float32
+        assert np.array_equal(stored, exact.astype(np.float32)), threads
+    # At level 1e7 the readings lose their decimals; the spread, taken in float64
+    # before rounding, keeps float32's relative precision.
+    value = [s * len(ALL) + ALL.index("value") for s in (0, 2)]
+    std = [s * len(ALL) + ALL.index("std") for s in (0, 2)]
+    assert np.abs(stored[value] - exact[value]).max() > 0.1
+    assert (np.abs(stored[std] - exact[std]) <= F32 * exact[std]).all()
+
+
+def test_build_features_stores_float32_features_only() -> None:
+    frame = _table({"m1": X, "m2": X[::-1]}, label=[0] * 19 + [1])
+    out = _features(frame, window=4)
+
+    features = feature_names(["x"], ALL)
+    assert [out.schema[c] for c in features] == [pl.Float32] * len(ALL)
+    assert out.schema["label"] == pl.Int64
+    values = frame["x"].to_numpy()[None, :]
+    settings = FeatureSettings(rolling_window=4, statistics=ALL)
+    exact = feature_block(values, np.array([0, 10]), 0, settings)
+    assert np.array_equal(out.select(features).to_numpy().T, exact.astype(np.float32))
+
+
+def test_as_stored_rounds_float64_feature_columns_only() -> None:
+    wide = pl.DataFrame(
+        {
+            ENTITY: ["a", "a"],
+            "x__mean": [0.1, 1e7 + 0.3],
+            "x__std": pl.Series([0.5, 0.25], dtype=pl.Float32),
+            "reading": [0.1, 0.2],  # a passthrough column, not a feature
+        }
+    )
+
+    stored = as_stored(wide)
+
+    assert stored.schema["x__mean"] == pl.Float32
+    assert stored["x__mean"].to_list() == [float(np.float32(0.1)), 1e7]
+    assert stored.drop("x__mean").equals(wide.drop("x__mean"))
+    assert as_stored(stored) is stored
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_reused_output_array_gives_the_same_features(dtype) -> None:
     rng = np.random.default_rng(1)
     values = rng.normal(5, 1, (2, 300))
     settings = FeatureSettings(rolling_window=12, statistics=ALL)
     starts = np.array([0, 40, 41])
-    fresh = feature_block(values, starts, 0, settings)
-    stale = np.full((2, len(ALL), 300), 7.0)  # left over from an earlier block
+    fresh = _block(values, starts, 0, settings, dtype)
+    stale = np.full((2, len(ALL), 300), 7.0, dtype)  # left over from a block before
 
     for lead in (0, 3):  # the block starts its entity, or 3 rows into it
         got = feature_block(values, starts[1:], lead, settings, out=stale)

@@ -52,6 +52,42 @@ def test_scaler_constant_feature_gets_a_floor_not_a_blow_up() -> None:
     assert z[0, 0] == pytest.approx(-31.25)
 
 
+def test_scaler_learns_float32_features_in_float64() -> None:
+    rng = np.random.default_rng(0)
+    x = (1e4 + rng.normal(0, 1, (5_000, 2))).astype(np.float32)
+    entity = np.repeat(["a", "b"], 2_500)
+
+    narrow = Scaler().fit(x, entity)
+    wide = Scaler().fit(x.astype(np.float64), entity)
+
+    assert narrow.center_.dtype == narrow.scale_.dtype == np.float64
+    assert np.array_equal(narrow.center_, wide.center_)
+    assert np.array_equal(narrow.scale_, wide.scale_)
+    assert np.array_equal(narrow.entity_center_["b"], wide.entity_center_["b"])
+
+
+def test_float32_features_move_scaled_values_by_under_1e_4_of_the_scale() -> None:
+    # Float32 steps are 1 at a level of 1e7: readings with a spread of 0.3 move by
+    # up to 0.5. The scale's floor, 1e-3 of the level, keeps that small.
+    rng = np.random.default_rng(1)
+    x = np.column_stack(
+        [
+            1e7 + rng.normal(0, 0.3, 2_000),
+            50 + rng.normal(0, 2, 2_000),
+            rng.normal(0, 1e-3, 2_000),
+        ]
+    )
+    entity = np.repeat(["a"], 2_000)
+    scaler = Scaler().fit(x, entity)
+
+    rounded = x.astype(np.float32)
+    moved = np.abs(scaler.transform(rounded, entity) - scaler.transform(x, entity))
+
+    assert scaler.scale_[0] == pytest.approx(1e4)  # the floor, not the spread
+    assert moved.max() < 1e-4
+    assert moved[:, 0].max() > 3e-5  # the level's rounding does show
+
+
 def test_scaler_not_fitted() -> None:
     with pytest.raises(NotFittedError):
         Scaler().transform(np.zeros((1, 1)), np.array(["a"]))

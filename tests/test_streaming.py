@@ -17,9 +17,15 @@ from sagewatch import scoring, streaming
 from sagewatch.config import ModelSettings, Settings
 from sagewatch.detector import Detector
 from sagewatch.errors import InputError, StorageError
-from sagewatch.features import build_features, feature_names
-from sagewatch.pipeline import read_features, stage_features, stage_score
-from sagewatch.schema import ENTITY, TIMESTAMP, load_raw
+from sagewatch.features import (
+    build_features,
+    entity_starts,
+    feature_block,
+    feature_names,
+    sensor_matrix,
+)
+from sagewatch.pipeline import read_features, stage_features, stage_score, stage_train
+from sagewatch.schema import ENTITY, LABEL, TIMESTAMP, load_raw
 from sagewatch.scoring import score_features
 
 # Entity lengths: longer and shorter than the chunks and the window, one row alone.
@@ -94,6 +100,76 @@ def test_streamed_features_equal_in_memory(
         f"features-{name}.parquet" for name in sorted(LENGTHS)
     ]
     assert [i.rows for i in result.inputs] == [sum(LENGTHS.values())]
+
+
+@pytest.mark.parametrize("chunk_rows", [5, 68])  # streamed; in memory
+def test_feature_files_hold_float32_rounded_from_the_float64_kernel(
+    tmp_path: Path, chunk_rows: int
+) -> None:
+    settings = Settings()
+    raw = _write(_raw(), tmp_path / "raw" / "fleet.parquet")
+    frame, sensors, _ = _validated(settings, raw)
+    starts = entity_starts(frame[ENTITY])
+    exact = feature_block(sensor_matrix(frame, sensors), starts, 0, settings.features)
+
+    stage_features(settings, raw, str(tmp_path / "features"), chunk_rows=chunk_rows)
+
+    files = sorted((tmp_path / "features").glob("*.parquet"))  # entities in order
+    names = feature_names(sensors, settings.features.statistics)
+    for path in files:
+        schema = pl.read_parquet_schema(path)
+        assert [schema[n] for n in names] == [pl.Float32] * len(names), path.name
+        assert schema[LABEL] == pl.Int8  # other columns keep their types
+    stored = pl.read_parquet(files).select(names).to_numpy().T  # (features, rows)
+    assert np.array_equal(stored, exact.astype(np.float32))
+    assert (np.abs(stored - exact) <= 2.0**-24 * np.abs(exact)).all()
+
+
+def _float64_features(settings: Settings, raw: str, folder: Path) -> None:
+    """Feature files as versions that stored Float64 wrote them."""
+    frame, sensors, _ = _validated(settings, raw)
+    starts = entity_starts(frame[ENTITY])
+    exact = feature_block(sensor_matrix(frame, sensors), starts, 0, settings.features)
+    names = feature_names(sensors, settings.features.statistics)
+    table = frame.select(TIMESTAMP, ENTITY).with_columns(
+        *(pl.Series(name, exact[i]) for i, name in enumerate(names)), frame[LABEL]
+    )
+    folder.mkdir(parents=True)
+    for (name,), part in table.group_by(ENTITY, maintain_order=True):
+        part.write_parquet(folder / f"features-{name}.parquet")
+
+
+def test_float64_feature_files_of_older_versions_train_and_score(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(model={"detector": "pca"})
+    raw = _write(_raw(), tmp_path / "raw" / "fleet.parquet")
+    new, mixed = tmp_path / "new", tmp_path / "mixed"
+    stage_features(settings, raw, str(new), chunk_rows=5)
+    _float64_features(settings, raw, mixed)
+    # pump-3 and pump-4 as written now: one folder of both kinds.
+    for name in ("pump-3", "pump-4"):
+        (new / f"features-{name}.parquet").replace(mixed / f"features-{name}.parquet")
+
+    table = read_features(str(mixed))
+    assert table.schema["temp__mean"] == pl.Float64
+    detector, record = stage_train(settings, str(mixed), str(tmp_path / "model"))
+    uri, _ = stage_score(
+        settings, str(mixed), detector, str(tmp_path / "scores"), chunk_rows=5
+    )
+
+    assert record.rows_in == sum(LENGTHS.values())
+    assert np.isfinite(detector.threshold_)
+    streamed = pl.read_parquet(uri)
+    assert_frame_equal(streamed, score_features(table, detector), check_exact=True)
+    rounded = score_features(
+        table.with_columns(pl.col(detector.feature_names_).cast(pl.Float32)), detector
+    )
+    # Rounding the old features to float32 moves no score by more than 1e-4 of
+    # the threshold (the scaled features move by less than 1e-4 of their scale).
+    assert streamed["anomaly_score"].to_numpy() == pytest.approx(
+        rounded["anomaly_score"].to_numpy(), rel=0, abs=1e-4 * detector.threshold_
+    )
 
 
 def test_input_within_one_chunk_is_validated_in_memory(tmp_path: Path) -> None:

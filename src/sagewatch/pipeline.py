@@ -335,6 +335,9 @@ def detector_label(kind: str, settings: Settings) -> str:
 def read_features(uri: str) -> pl.DataFrame:
     """Read a features table (file or folder of parts) in canonical order.
 
+    Feature columns come back as stored: Float32, or Float64 from versions that
+    stored that (a folder holding both reads as Float64, which keeps every value).
+
     Raises:
         InputError: the table is not one ``sagewatch features`` wrote.
     """

@@ -9,11 +9,11 @@ its features are those of the whole entity. Scoring reads the feature files the
 same way and carries, per entity, the rows of context a detector asks for (its
 ``context_rows`` attribute, 0 when absent).
 
-Features go to one Parquet file per entity (a long entity's pieces appended as row
-groups); scores to one CSV and one Parquet file, appended chunk by chunk. A
-chunk's feature files are written on a second thread while the next chunk is
-validated and computed, so memory holds about two chunks and their outputs;
-nothing is moved into place before the end.
+Features go to one Parquet file per entity, as Float32 columns (a long entity's
+pieces appended as row groups); scores to one CSV and one Parquet file, appended
+chunk by chunk. A chunk's feature files are written on a second thread while the
+next chunk is validated and computed, so memory holds about two chunks and their
+outputs; nothing is moved into place before the end.
 
 Notes:
     Streamed results equal the in-memory ones exactly, quality report included:
@@ -53,6 +53,8 @@ from sagewatch import storage
 from sagewatch.config import Settings
 from sagewatch.errors import InputError
 from sagewatch.features import (
+    FEATURE_DTYPE,
+    as_stored,
     entity_starts,
     feature_block,
     feature_names,
@@ -75,7 +77,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 1_000_000
 # Raw rows per features chunk: as fast as larger chunks, at half the memory (two
-# chunks are in flight, and a chunk's features take about 150 bytes a row).
+# chunks are in flight, and a chunk's Float32 features take about 75 bytes a row).
 FEATURE_CHUNK_ROWS = 500_000
 FEATURES_STEM = "features"
 # Distinct time steps kept for an exact median; beyond this, validate in memory.
@@ -604,12 +606,14 @@ def _median(counts: Counter[float]) -> float | None:
 
 
 class _Buffers:
-    """Two arrays for chunks' features, used in turn.
+    """Two float32 arrays for chunks' features, used in turn.
 
     Polars takes a chunk's features from its array without copying, so the array
     is in use until the writer has written the chunk. Chunk ``i`` reuses the array
     of chunk ``i - 2``: writing chunk ``i - 1`` first waited for chunk ``i - 2``.
-    Reuse spares the page faults of touching a fresh array for every chunk.
+    Reuse spares the page faults of touching a fresh array for every chunk. The
+    features are computed in float64 block by block and rounded as they are
+    stored here (see :func:`sagewatch.features.feature_block`).
     """
 
     def __init__(self, writer: _EntityWriter) -> None:
@@ -623,7 +627,7 @@ class _Buffers:
         self.taken += 1
         have = self._arrays[turn]
         if have is None or have.shape[:2] != shape[:2] or have.shape[2] < shape[2]:
-            have = self._arrays[turn] = np.empty(shape)
+            have = self._arrays[turn] = np.empty(shape, dtype=FEATURE_DTYPE)
         return have[:, :, : shape[2]]
 
 
@@ -674,12 +678,14 @@ def _chunk_features(
 
 def write_features(features: pl.DataFrame, output_dir: str) -> list[storage.FileInfo]:
     """Write a features table sorted by entity as one Parquet file per entity,
-    in the streamed path's format; each file is moved into place once written.
+    in the streamed path's format (Float32 features, Float64 ones rounded); each
+    file is moved into place once written.
 
     Raises:
         InputError: the rows of an entity are not contiguous.
         StorageError: a file cannot be written.
     """
+    features = as_stored(features)
     starts = entity_starts(features[ENTITY]).tolist()
     infos = []
     for lo, hi in itertools.pairwise([*starts, features.height]):

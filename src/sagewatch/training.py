@@ -251,7 +251,9 @@ def fit_detector(
     is_val = _held_out(ref, model.validation_fraction)
     if int((~is_val).sum()) < 2:
         is_val = np.zeros(ref.height, dtype=bool)
-    x = ref.select(feature_columns).to_numpy().astype(np.float64)
+    # Float32 as stored (Float64 from older feature files); the scaler works in
+    # float64 and hands the model float32.
+    x = ref.select(feature_columns).to_numpy()
     entity = ref[ENTITY].cast(pl.String).to_numpy()
     detector = Detector(model).fit(
         x, entity, feature_columns, validation=is_val, progress=progress
