@@ -288,6 +288,15 @@ def bench_size(
             f"{stage['peak_rss_gib']:.2f} GiB"
         )
     stages["train"]["train_rows"] = training["n_train"]
+    sample = training.get("sample")
+    if sample:  # how many reference rows training read and used for what
+        stages["train"]["sample"] = sample
+        print(
+            f"[{rows:,} rows] train sample: {sample['training']['used']:,} of "
+            f"{sample['training']['of']:,} training samples, threshold from "
+            f"{sample['calibration']['used']:,} of {sample['calibration']['of']:,} "
+            f"held-out rows, {sample['rows_read']:,} rows kept in memory"
+        )
     members = training.get("members", [training])  # one summary per ensemble member
     stages["train"]["epochs_run"] = sum(m["epochs_run"] for m in members)
     stages["train"]["fit_samples_per_s"] = members[0]["samples_per_second"]
@@ -369,7 +378,7 @@ def verdict(report: dict[str, Any]) -> dict[str, Any]:
             "goal": GOALS[key],
             "met": value >= GOALS[key],
         }
-    for stage in ("features", "score"):
+    for stage in ("features", "train", "score"):
         rss = ten["stages"][stage]["peak_rss_gib"]
         checks[f"{stage}_peak_rss_gib"] = {
             "rows": ten["rows"],

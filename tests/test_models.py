@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from sagewatch import models
 from sagewatch.errors import NotFittedError
 from sagewatch.models import (
     ConvAutoencoder,
@@ -86,6 +87,33 @@ def test_float32_features_move_scaled_values_by_under_1e_4_of_the_scale() -> Non
     assert scaler.scale_[0] == pytest.approx(1e4)  # the floor, not the spread
     assert moved.max() < 1e-4
     assert moved[:, 0].max() > 3e-5  # the level's rounding does show
+
+
+@pytest.mark.parametrize("per_entity", [True, False])
+def test_scaler_statistics_added_block_by_block(
+    monkeypatch: pytest.MonkeyPatch, per_entity: bool
+) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(100.0, 3.0, (50, 2)) + np.repeat([[0.0, 0.0], [40.0, -9.0]], 25, 0)
+    entity = np.repeat(["a", "b"], 25)
+    monkeypatch.setattr(models, "BLOCK_ROWS", 7)  # blocks of 7, 7, 7 and 4 rows
+
+    scaler = Scaler(per_entity=per_entity).fit(x, entity)
+
+    centre = {n: x[entity == n].mean(axis=0) for n in ("a", "b")}
+    deviation = x - (np.where((entity == "a")[:, None], centre["a"], centre["b"]))
+    if not per_entity:
+        deviation = x - x.mean(axis=0)
+    assert scaler.center_ == pytest.approx(x.mean(axis=0), rel=1e-14)
+    assert scaler.scale_ == pytest.approx(np.sqrt((deviation**2).mean(0)), rel=1e-12)
+    if per_entity:
+        assert scaler.entity_center_["b"] == pytest.approx(centre["b"], rel=1e-14)
+    blocks = Scaler(per_entity=per_entity)
+    for start in (0, 7, 14, 21, 25, 32, 39, 46):
+        stop = min(start + 7, 25 if start < 25 else 50)
+        blocks.partial_fit(x[start:stop], str(entity[start]))
+    assert np.array_equal(blocks.scale_, scaler.scale_)
+    assert np.array_equal(blocks.center_, scaler.center_)
 
 
 def test_scaler_not_fitted() -> None:

@@ -155,3 +155,40 @@ def test_warm_up_rows_of_each_entity_are_scored_but_never_flagged(
     assert warm.height == 2 * detector.warmup_rows
     assert warm["is_anomaly"].sum() == 0
     assert (warm["anomaly_score"] > detector.threshold_).any()  # scored as usual
+
+
+def test_training_from_the_feature_files_matches_the_run(
+    tmp_path: Path, small_settings
+) -> None:
+    import hashlib
+
+    from sagewatch.pipeline import stage_train
+
+    result = run(small_settings, data_dir=str(tmp_path))
+    in_run = next(s for s in result.stages if s.name == "train")
+
+    _, record = stage_train(
+        small_settings, str(tmp_path / "features"), str(tmp_path / "m")
+    )
+
+    saved = [
+        json.loads((tmp_path / folder / "detector.json").read_text())
+        for folder in ("model", "m")
+    ]
+    assert saved[0]["training_data_sha256"] == saved[1]["training_data_sha256"]
+    assert saved[0]["threshold"] == saved[1]["threshold"]
+    assert record.details["sample"] == in_run.details["sample"]
+    assert record.details["sample"]["training"] == {"used": 320, "of": 320}
+    files = sorted((tmp_path / "features").glob("*.parquet"))
+    assert [(i["uri"], i["rows"]) for i in record.inputs] == [
+        (str(f), 400) for f in files
+    ]
+    for item, path in zip(record.inputs, files, strict=True):
+        assert item["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    report = json.loads(
+        (tmp_path / "evaluation" / "evaluation_report.json").read_text()
+    )
+    assert report["context"]["training"]["sample"] == in_run.details["sample"]
+    page = (tmp_path / "evaluation" / "evaluation_report.html").read_text()
+    assert "<h2>Training sample</h2>" in page
+    assert "<td>training samples (seeded sample)</td><td>320 of 320</td>" in page

@@ -9,9 +9,13 @@ import polars as pl
 import pytest
 import torch
 
+from sagewatch import detector as detector_module
+from sagewatch import sampling
 from sagewatch.config import ModelSettings, ReferenceSettings, Settings
+from sagewatch.detector import Detector
 from sagewatch.errors import InputError
 from sagewatch.models import ConvAutoencoder, window_index
+from sagewatch.reference import ArrayReference
 from sagewatch.training import (
     _held_out,
     fit_autoencoder,
@@ -20,6 +24,7 @@ from sagewatch.training import (
     training_sequences,
 )
 
+NAMES = ["s1__value", "s2__value", "s3__value"]
 SMALL = {
     "sequence_length": 4,
     "hidden_dims": [4],
@@ -180,3 +185,70 @@ def test_fit_detector_too_few_rows_to_hold_out() -> None:
 
     assert info["validation_rows"] == 0
     assert detector.threshold_rule_["computed_on"].startswith("training rows")
+
+
+@pytest.mark.parametrize("architecture", ["dense", "causal"])
+def test_sampled_threshold_uses_the_whole_table_scores_of_its_rows(
+    monkeypatch: pytest.MonkeyPatch, architecture: str
+) -> None:
+    # Blocks of 16 held-out rows, tiles of 8 rows, batches of 7 scored rows: all
+    # cut the entities.
+    monkeypatch.setattr(sampling, "CALIBRATION_BLOCK", 16)
+    monkeypatch.setattr(detector_module, "TILE_ROWS", 8)
+    monkeypatch.setattr(detector_module, "_CALIBRATION_BATCH", 7)
+    rng = np.random.default_rng(3)
+    x = np.sin(np.arange(600)[:, None] / 9 + np.arange(3)) + rng.normal(
+        0, 0.1, (600, 3)
+    )
+    entity = np.repeat(["a", "b"], [330, 270])
+    held = np.r_[np.arange(330) >= 260, np.arange(270) >= 210]
+    settings = ModelSettings(
+        architecture=architecture,
+        hidden_dims=[4, 4] if architecture == "causal" else [4],
+        sequence_length=8,
+        epochs=2,
+        max_calibration_rows=40,
+        threshold_rule="quantile",
+    )
+
+    detector = Detector(settings).fit(x, entity, NAMES, validation=held)
+
+    layout = ArrayReference(x, entity, held).layout
+    sample = sampling.plan_sample(layout, settings, **detector._sample_shape())
+    rows = sample.rows[sample.scored[sample.calibration]]
+    assert len(rows) == detector.threshold_rule_["n_rows"] == 32  # two blocks
+    assert held[rows].all()
+    whole, _ = detector.score_rows(x, entity)
+    expected, _ = detector._threshold(whole[rows], "held-out")
+    assert detector.threshold_ == expected
+    assert detector.training_["sample"]["calibration"] == {
+        "used": 32,
+        "of": 130,
+        "block_rows": 16,
+    }
+
+
+def test_fit_detector_records_the_samples() -> None:
+    settings = Settings().with_overrides(
+        {
+            "train_rows": 150,
+            "validation_fraction": 0.2,
+            "max_train_samples": 50,
+            "max_calibration_rows": 1000,
+            "epochs": 1,
+        }
+    )
+    frame = _frame({"a": 200, "b": 200}).with_columns(
+        pl.col("s__value").sin().alias("s__value"),
+        pl.col("s__value").cos().alias("t__value"),
+    )
+
+    detector, info = fit_detector(frame, ["s__value", "t__value"], settings)
+
+    assert info["train_rows"] == 240 and info["validation_rows"] == 60
+    assert info["sample"] == detector.training_["sample"]
+    assert info["sample"]["training"] == {"used": 50, "of": 240}
+    assert info["sample"]["validation"] == {"used": 12, "of": 60}
+    assert info["sample"]["calibration"]["used"] == 60
+    assert detector.threshold_rule_["n_rows"] == 60
+    assert detector.training_["members"][0]["n_train"] == 50

@@ -345,10 +345,12 @@ def train_cmd(
     settings = _settings(config, **_flags(kwargs))
     detector, record = stage_train(settings, input_uri, model_dir, progress=_progress())
     _stage_manifest(settings, record, model_dir)
+    sample = record.details["sample"]
     click.echo(
         f"fitted on {record.rows_out} reference rows "
-        f"({detector.training_.get('n_train', record.rows_out)} training samples); "
-        f"threshold {detector.threshold_:.6g}; saved to {model_dir}"
+        f"({sample['training']['used']} training samples); threshold "
+        f"{detector.threshold_:.6g} from {sample['calibration']['used']} rows; "
+        f"saved to {model_dir}"
     )
 
 

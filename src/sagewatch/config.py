@@ -144,6 +144,7 @@ class ModelSettings(_Section):
     sequence_stride: int = Field(default=1, ge=1)
     score_window: int = Field(default=12, ge=1)
     max_train_samples: int = Field(default=200_000, ge=10)
+    max_calibration_rows: int = Field(default=1_000_000, ge=1)
     pca_variance: float = Field(default=0.95, gt=0, le=1)
     iforest_trees: int = Field(default=100, ge=1)
     iforest_max_samples: int = Field(default=256, ge=2)

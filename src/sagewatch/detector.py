@@ -51,7 +51,7 @@ import json
 import logging
 import platform
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -77,6 +77,10 @@ from sagewatch.models import (
 )
 from sagewatch.thresholds import alarms, pot_threshold, quantile_threshold
 
+if TYPE_CHECKING:
+    from sagewatch.reference import Reference
+    from sagewatch.sampling import Sample
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3
@@ -91,6 +95,8 @@ _DENSE_BATCH = 8192
 # within the entity, _TILE_BATCH tiles (zero-padded) per network call.
 TILE_ROWS = 256
 _TILE_BATCH = 32
+# Calibration rows scored per pass when the threshold is learnt.
+_CALIBRATION_BATCH = 65_536
 
 
 @contextlib.contextmanager
@@ -195,39 +201,108 @@ class Detector:
         ``x`` (rows, features) holds the reference rows grouped by ``entity`` in time
         order; ``validation`` marks the held-out rows (the tail of each entity's
         reference). With no held-out rows the threshold comes from the training rows
-        themselves, and detector.json says so.
+        themselves, and detector.json says so. See :meth:`fit_reference`.
 
         Raises:
-            ValueError: fewer than 2 training rows.
+            ValueError: fewer than 2 training rows, or held-out rows that are not
+                the tail of their entity's rows.
         """
+        from sagewatch.reference import ArrayReference
+
         entity = _names(entity)
         held = np.zeros(len(x), bool) if validation is None else validation
         if np.sum(~held) < 2:
             raise ValueError(f"need at least 2 reference rows to fit, got {len(x)}")
+        reference = ArrayReference(x, entity, np.asarray(held, dtype=bool))
+        return self.fit_reference(reference, feature_names, progress=progress)
+
+    def fit_reference(
+        self,
+        reference: Reference,
+        feature_names: Sequence[str],
+        *,
+        progress: bool = False,
+    ) -> Detector:
+        """Fit on reference rows read block by block (two passes).
+
+        The scaler learns from every training row; the model from a seeded
+        sample of them and the threshold from a seeded sample of the held-out
+        rows (see :func:`~sagewatch.sampling.plan_sample`); only the sampled
+        rows are kept in memory, scaled. ``training_["sample"]`` records how
+        many rows went to what.
+
+        Raises:
+            ValueError: fewer than 2 training rows.
+        """
+        from sagewatch.reference import gather
+        from sagewatch.sampling import plan_sample
+
+        layout = reference.layout
+        if layout.train.sum() < 2:
+            raise ValueError(
+                f"need at least 2 reference rows to fit, got {int(layout.rows.sum())}"
+            )
         self.feature_names_ = list(feature_names)
         self.sensors_ = list(dict.fromkeys(sensor_of(f) for f in feature_names))
         groups = [self.sensors_.index(sensor_of(f)) for f in feature_names]
-        self.scaler_ = Scaler(per_entity=self.settings.center_per_entity).fit(
-            x[~held], entity[~held], groups
-        )
-        z = self.scaler_.transform(x, entity)
+        self.scaler_ = Scaler(per_entity=self.settings.center_per_entity)
+        for block in reference.blocks():
+            train = block.x[: max(int(layout.train[block.run]) - block.start, 0)]
+            if len(train):
+                self.scaler_.partial_fit(train, layout.names[block.run], groups)
+        sample = plan_sample(layout, self.settings, **self._sample_shape())
+        z = gather(reference, sample.rows, self.scaler_)  # (rows kept, features)
         with compute_threads(self.settings.threads):
-            self.model_, self.training_ = self._fit_model(z, entity, held, progress)
-            calibration = self._calibration_scores(z, entity, held)
-        source = "held-out" if held.any() else "training"
+            self.model_, self.training_ = self._fit_model(z, sample, progress)
+            calibration = self._calibration_scores(z, sample)
+        self.training_["sample"] = sample.sizes
+        source = "held-out" if layout.held.any() else "training"
         self.threshold_, self.threshold_rule_ = self._threshold(calibration, source)
         self.alarm_rule_ = {
             "rule": "min_rows_of_window",
             "min_rows": self.settings.alarm_min_rows,
             "window": self.settings.alarm_window,
         }
+        log.info(
+            "fitted on %d reference rows of %d entities: %d training %s of %d, "
+            "%d validation of %d, threshold from %d of %d rows; %d rows read into "
+            "memory",
+            int(layout.rows.sum()),
+            len(layout.names),
+            sample.sizes["training"]["used"],
+            "rows" if self.settings.detector != "autoencoder" else "sequences",
+            sample.sizes["training"]["of"],
+            sample.sizes["validation"]["used"],
+            sample.sizes["validation"]["of"],
+            sample.sizes["calibration"]["used"],
+            sample.sizes["calibration"]["of"],
+            len(sample.rows),
+        )
         return self
 
+    def _sample_shape(self) -> dict[str, Any]:
+        """What :func:`~sagewatch.sampling.plan_sample` needs from this model."""
+        s = self.settings
+        shape = {"context": self.context_rows, "length": 1, "stride": 1}
+        if s.detector != "autoencoder":
+            return {**shape, "validation": False}
+        causal = self._causal
+        if s.architecture != "dense":
+            shape["length"] = (
+                self.network_context if causal else 0
+            ) + s.sequence_length
+        return {
+            **shape,
+            "stride": s.sequence_stride,
+            "validation_stride": s.sequence_length if causal else 1,
+        }
+
     def _fit_model(
-        self, z: np.ndarray, entity: np.ndarray, held: np.ndarray, progress: bool
+        self, z: np.ndarray, sample: Sample, progress: bool
     ) -> tuple[Any, dict[str, Any]]:
         s = self.settings
-        train = z[~held]
+        if s.detector in ("pca", "iforest"):
+            train = z[sample.train[:, -1]]  # (rows, features)
         if s.detector == "pca":
             model, k = fit_pca(train, s.pca_variance)
             return model, {"n_components": k, "n_train": len(train)}
@@ -239,18 +314,11 @@ class Detector:
                 seed=s.seed,
             )
             return trees, {"n_trees": s.iforest_trees, "n_train": len(train)}
-        from sagewatch.training import fit_autoencoder, training_sequences
+        from sagewatch.training import fit_autoencoder
 
         causal = self._causal
         dense = s.architecture == "dense"
         context = self.network_context if causal else 0
-        train_idx, val_idx = training_sequences(
-            entity,
-            held,
-            s,
-            length=1 if dense else context + s.sequence_length,
-            validation_stride=s.sequence_length if causal else 1,
-        )
         hidden = self.hidden_dims
         width = z.shape[1]
         code = s.encoding_dim or _default_code(s.architecture, width, self.sensors_)
@@ -277,8 +345,8 @@ class Detector:
             model, summary = fit_autoencoder(
                 build,
                 z,
-                train_idx,
-                val_idx,
+                sample.train,
+                sample.validation,
                 s,
                 context=context,
                 seed=s.seed + member,
@@ -288,27 +356,29 @@ class Detector:
             summaries.append(summary)
         return members, {
             "members": summaries,
-            "n_train": len(train_idx),
+            "n_train": len(sample.train),
             "encoding_dim": code,
         }
 
-    def _calibration_scores(
-        self, z: np.ndarray, entity: np.ndarray, held: np.ndarray
-    ) -> np.ndarray:
-        """Scores of the held-out rows (all rows when none is held out).
+    def _calibration_scores(self, z: np.ndarray, sample: Sample) -> np.ndarray:
+        """Scores of the calibration rows (held-out rows, all rows when none is
+        held out, or a sample of either), each scored after its context rows.
 
-        Only the held-out rows and the :attr:`context_rows` rows before each
-        entity's first one are scored: the rest of the reference is not needed.
+        The rows go through in batches of :data:`_CALIBRATION_BATCH`, each after
+        the :attr:`context_rows` rows before it, so memory does not grow with
+        ``max_calibration_rows`` and every row scores as in one pass.
         """
-        position = row_positions(entity)
-        if not held.any():
-            return self._score_scaled(z, entity, position)[0]
-        run, _ = entity_runs(entity)
-        first = np.full(run[-1] + 1, np.iinfo(np.int64).max)
-        np.minimum.at(first, run[held], position[held])
-        keep = position >= first[run] - self.context_rows
-        scores, _ = self._score_scaled(z[keep], entity[keep], position[keep])
-        return scores[held[keep]]
+        total = len(sample.scored)
+        scores = np.empty(total)
+        context = self.context_rows
+        for start in range(0, total, _CALIBRATION_BATCH):
+            lead = min(start, context)
+            rows = slice(start - lead, min(start + _CALIBRATION_BATCH, total))
+            part, _ = self._score_scaled(
+                z[sample.scored[rows]], sample.segment[rows], sample.position[rows]
+            )
+            scores[start : rows.stop] = part[lead:]
+        return scores[sample.calibration]
 
     def _threshold(
         self, scores: np.ndarray, source: str

@@ -308,6 +308,7 @@ def render_html(
         sections.append(
             _table([{"sensor": k, "rows": v} for k, v in report["top_sensors"].items()])
         )
+    sections.append(_training_section(report.get("context", {}).get("training")))
     sections.append(_quality_section(report.get("context", {}).get("data_quality")))
     body = "\n".join(sections)
     return (
@@ -337,6 +338,30 @@ def _summary_table(report: dict[str, Any]) -> str:
         },
     ]
     return "<h2>Summary</h2>" + _table(rows)
+
+
+def _training_section(training: dict[str, Any] | None) -> str:
+    """How many reference rows the detector was fitted on, and the samples drawn
+    from them (training cost and memory follow the samples, not the rows)."""
+    if not training:
+        return ""
+    sample = training["sample"]
+
+    def drawn(part: str) -> str:
+        return f"{sample[part]['used']} of {sample[part]['of']}"
+
+    rows = [
+        {"what": "reference rows", "value": training["reference_rows"]},
+        {
+            "what": "training / held-out rows",
+            "value": f"{training['train_rows']} / {training['validation_rows']}",
+        },
+        {"what": "training samples (seeded sample)", "value": drawn("training")},
+        {"what": "validation samples (early stopping)", "value": drawn("validation")},
+        {"what": "rows the threshold is computed on", "value": drawn("calibration")},
+        {"what": "seed", "value": sample["seed"]},
+    ]
+    return "<h2>Training sample</h2>" + _table(rows)
 
 
 def _quality_section(quality: dict[str, Any] | None) -> str:

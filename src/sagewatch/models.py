@@ -28,6 +28,8 @@ from sagewatch.errors import NotFittedError
 
 # Scaled inputs are clipped here so absurd readings give large, finite scores.
 CLIP = 1e3
+# Reference rows of one entity per block of scaler statistics (see Scaler).
+BLOCK_ROWS = 65_536
 
 
 class Scaler:
@@ -38,6 +40,12 @@ class Scaler:
     within-entity standard deviation, which short references estimate poorly one
     entity at a time. Entities without reference rows are centred on the pooled
     reference mean.
+
+    The statistics are sums in float64 that :meth:`partial_fit` adds to, one
+    block of an entity's rows at a time, so a reference period of any length is
+    learnt without holding its rows; :meth:`fit` cuts each entity's rows into
+    blocks of :data:`BLOCK_ROWS`, as the training pipeline does, so both give the
+    same bits.
 
     Notes:
         A feature that was (nearly) constant in the reference period would get a
@@ -73,16 +81,43 @@ class Scaler:
         statistics are computed in float64 whatever the type of ``x`` (feature
         files store float32).
         """
+        self._moments: dict[str, _Moments] = {}
+        for name, rows in _entity_rows(entity):
+            part = x[rows]
+            for start in range(0, len(part), BLOCK_ROWS):
+                self.partial_fit(part[start : start + BLOCK_ROWS], str(name), groups)
+        return self
+
+    def partial_fit(
+        self, x: np.ndarray, entity: str, groups: Sequence[int] | None = None
+    ) -> Scaler:
+        """Add reference rows ``x`` (rows, features) of one entity to the statistics.
+
+        Centres and scale are those of every row added so far. Rows added in
+        other blocks round differently in the last bits: cut the same rows the
+        same way for the same result.
+        """
         x = np.asarray(x, dtype=np.float64)
-        self.center_ = x.mean(axis=0)
-        self.entity_center_: dict[str, np.ndarray] = {}
-        deviation = x - self.center_
+        if not hasattr(self, "_moments"):
+            self._moments = {}
+        moments = self._moments.setdefault(entity, _Moments(x.shape[1]))
+        moments.add(x)
+        self._update(groups)
+        return self
+
+    def _update(self, groups: Sequence[int] | None) -> None:
+        parts = list(self._moments.values())
+        rows = sum(m.rows for m in parts)
+        self.center_ = np.sum([m.total for m in parts], axis=0) / rows
+        magnitude = np.sum([m.magnitude for m in parts], axis=0) / rows
+        squares = np.sum([m.squares for m in parts], axis=0)
         if self.per_entity:
-            for name, rows in _entity_rows(entity):
-                self.entity_center_[str(name)] = x[rows].mean(axis=0)
-                deviation[rows] = x[rows] - self.entity_center_[str(name)]
-        spread = np.sqrt(np.mean(np.square(deviation), axis=0))
-        magnitude = np.abs(x).mean(axis=0)
+            self.entity_center_ = {k: m.mean.copy() for k, m in self._moments.items()}
+        else:
+            self.entity_center_ = {}
+            shift = [m.rows * np.square(m.mean - self.center_) for m in parts]
+            squares = squares + np.sum(shift, axis=0)
+        spread = np.sqrt(squares / rows)
         floor = np.maximum(self.rel_floor * magnitude, self.abs_floor)
         if groups is not None:
             ids = np.asarray(groups)
@@ -93,7 +128,6 @@ class Scaler:
                 degenerate, np.maximum(floor, self.rel_floor * level[ids]), floor
             )
         self.scale_ = np.maximum(spread, floor)
-        return self
 
     def centers(self, entity: np.ndarray) -> np.ndarray:
         """The centre each row is measured from. (rows, features)"""
@@ -123,6 +157,35 @@ class Scaler:
         for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
             name = str(entity[start])
             yield start, stop, self.entity_center_.get(name, self.center_)
+
+
+class _Moments:
+    """Row count, sums, mean and squared deviations from the mean of one entity.
+
+    Blocks are merged with the pairwise update of Chan, Golub and LeVeque, so the
+    squared deviations never come from a difference of large sums.
+    """
+
+    def __init__(self, width: int) -> None:
+        self.rows = 0
+        self.total = np.zeros(width)
+        self.magnitude = np.zeros(width)
+        self.mean = np.zeros(width)
+        self.squares = np.zeros(width)
+
+    def add(self, x: np.ndarray) -> None:
+        if not len(x):
+            return
+        total = x.sum(axis=0)
+        mean = total / len(x)
+        squares = np.square(x - mean).sum(axis=0)
+        rows = self.rows + len(x)
+        delta = mean - self.mean
+        self.squares += squares + np.square(delta) * (self.rows * len(x) / rows)
+        self.rows = rows
+        self.total += total
+        self.mean = self.total / rows
+        self.magnitude += np.abs(x).sum(axis=0)
 
 
 def _entity_rows(entity: np.ndarray) -> Iterator[tuple[Any, slice | np.ndarray]]:

@@ -13,6 +13,7 @@ import json
 import logging
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from sagewatch.config import Settings
 from sagewatch.errors import InputError
 from sagewatch.evaluation import write_report
 from sagewatch.features import build_features, feature_names, sensors_of
+from sagewatch.reference import FileReference, TableReference, canonical
 from sagewatch.schema import ENTITY, LABEL, TIMESTAMP, Dataset, load_raw
 from sagewatch.synthetic import generate
 
@@ -32,6 +34,11 @@ if TYPE_CHECKING:  # torch loads only for the stages that need it
 
 log = logging.getLogger(__name__)
 
+_FEATURES_TABLE = "a features table written by `sagewatch features` (Parquet)"
+_EVERY_FEATURE = (
+    "every feature of the configured statistics (compute the features with the "
+    "same statistics)"
+)
 RAW_STEM = "sensor_data"
 FEATURES_STEM = "features"
 SCORES_CSV = "anomaly_scores.csv"
@@ -177,41 +184,45 @@ def stage_train(
     *,
     progress: bool = False,
 ) -> tuple[Detector, StageRecord]:
-    """Fit a detector on the reference period and save it to ``model_dir``."""
-    from sagewatch.training import fit_detector
+    """Fit a detector on the reference period and save it to ``model_dir``.
 
-    with _Timer() as timer, storage.track_reads() as reads:
-        source = features if isinstance(features, str) else "features"
-        if isinstance(features, str):
-            features = read_features(features)
-        columns = feature_names(
-            sensors_of(features.columns), settings.features.statistics
-        )
-        _require(
-            features,
-            source,
-            columns,
-            "every feature of the configured statistics (compute the features "
-            "with the same statistics)",
-        )
-        _require_finite(features, columns, source)
-        detector, info = fit_detector(features, columns, settings, progress=progress)
-        fingerprint = hashlib.sha256(
-            features.hash_rows(seed=0).to_numpy().tobytes()
-        ).hexdigest()
+    Parquet feature files sorted by entity and time (as ``sagewatch features``
+    writes them) are read file by file: only the entity, timestamp and feature
+    columns, only up to each entity's last reference row; other input is read
+    whole. Memory then follows the training samples, not the table. Either way
+    ``training_data_sha256`` in detector.json fingerprints the entity, timestamp
+    and features of every reference row, so a table and the files written from
+    it give the same fingerprint (and the same detector).
+    """
+    from sagewatch.training import fit_reference
+
+    with (
+        _Timer() as timer,
+        storage.track_reads() as reads,
+        ThreadPoolExecutor(1, "sagewatch-hash") as hasher,
+    ):
+        reference = _training_reference(settings, features)
+        # The files are hashed for the manifest on a second thread meanwhile.
+        hashes = [hasher.submit(storage.file_info, *f) for f in _files(reference)]
+        try:
+            detector, info = fit_reference(reference, settings, progress=progress)
+            inputs = _as_dicts(reads) + [h.result().as_dict() for h in hashes]
+        except BaseException:
+            hasher.shutdown(cancel_futures=True)
+            raise
         written = detector.save(
             model_dir,
             extra={
                 "config": settings.model_dump(mode="json"),
                 "reference": info,
-                "training_data_sha256": fingerprint,
+                "training_data_sha256": reference.sha256,
             },
         )
     record = StageRecord(
         "train",
-        inputs=_as_dicts(reads),
+        inputs=inputs,
         outputs=[w.as_dict() for w in written],
-        rows_in=features.height,
+        rows_in=reference.height,
         rows_out=info["train_rows"],
         seconds=timer.seconds,
         details={
@@ -221,6 +232,78 @@ def stage_train(
         },
     )
     return detector, record
+
+
+def _training_reference(
+    settings: Settings, features: pl.DataFrame | str
+) -> TableReference | FileReference:
+    """The reference period of a features table in memory or at a URI.
+
+    Raises:
+        InputError: the table is not one ``sagewatch features`` wrote, or lacks
+            features of the configured statistics.
+    """
+    if isinstance(features, str):
+        found = _feature_files(features, settings)
+        if found is not None:
+            try:
+                return FileReference(*found, settings, source=features)
+            except streaming.NotGroupedError as exc:
+                log.info(
+                    "%s: not read file by file (%s); reading it whole", features, exc
+                )
+        source, features = features, read_features(features)
+    else:
+        source = "features"
+    columns = feature_names(sensors_of(features.columns), settings.features.statistics)
+    _require(features, source, columns, _EVERY_FEATURE)
+    return TableReference(features, columns, settings)
+
+
+def _feature_files(uri: str, settings: Settings) -> tuple[list[str], list[str]] | None:
+    """The Parquet files of a features table and the feature columns to train on;
+    None when the table is not only Parquet files with one timestamp type.
+
+    Raises:
+        InputError: a file is not a features table, or lacks feature columns
+            that other files have.
+    """
+    files = storage.list_files(uri)
+    if not all(f.endswith(".parquet") for f in files):
+        return None
+    schemas = {f: storage.scan_table(f).collect_schema() for f in files}
+    for path, schema in schemas.items():
+        names = schema.names()
+        _require_names(names, path, [TIMESTAMP, ENTITY], _FEATURES_TABLE)
+        if not sensors_of(names) or not isinstance(schema[TIMESTAMP], pl.Datetime):
+            raise InputError(
+                f"{path}: no '<sensor>__<statistic>' columns or no typed timestamps; "
+                f"expected {_FEATURES_TABLE}"
+            )
+    if len({schema[TIMESTAMP] for schema in schemas.values()}) > 1:
+        return None
+    every = list(dict.fromkeys(c for schema in schemas.values() for c in schema))
+    columns = feature_names(sensors_of(every), settings.features.statistics)
+    _require_names(every, uri, columns, _EVERY_FEATURE)
+    for path, schema in schemas.items():
+        missing = [c for c in columns if c not in schema]
+        if missing:
+            rows = storage.scan_table(path).select(pl.len()).collect().item()
+            shown = ", ".join(f"{c} ({rows} rows)" for c in missing[:5])
+            raise InputError(
+                f"{path}: features with missing or non-finite values: {shown}"
+                f"{' ...' if len(missing) > 5 else ''} (no such columns in this "
+                "file); expected complete features (were part files computed from "
+                "inputs with different sensors?)"
+            )
+    return files, columns
+
+
+def _files(reference: TableReference | FileReference) -> list[tuple[str, int]]:
+    """Files read in batches, with their rows (tables read whole are tracked)."""
+    if not isinstance(reference, FileReference):
+        return []
+    return list(zip(reference.files, reference.file_rows, strict=True))
 
 
 def stage_score(
@@ -342,20 +425,13 @@ def read_features(uri: str) -> pl.DataFrame:
         InputError: the table is not one ``sagewatch features`` wrote.
     """
     features = storage.read_table(uri)
-    what = "a features table written by `sagewatch features` (Parquet)"
-    _require(features, uri, [TIMESTAMP, ENTITY], what)
+    _require(features, uri, [TIMESTAMP, ENTITY], _FEATURES_TABLE)
     if not sensors_of(features.columns) or features.schema[TIMESTAMP] != pl.Datetime:
         raise InputError(
             f"{uri}: no '<sensor>__<statistic>' columns or no typed timestamps; "
-            f"expected {what}"
+            f"expected {_FEATURES_TABLE}"
         )
-    entity, time = pl.col(ENTITY), pl.col(TIMESTAMP)
-    in_order = (entity > entity.shift(1)) | (
-        (entity == entity.shift(1)) & (time >= time.shift(1))
-    )
-    if features.select(in_order.fill_null(True).all()).item():
-        return features  # as written by `sagewatch features`: no sorted copy
-    return features.sort([ENTITY, TIMESTAMP], maintain_order=True)
+    return canonical(features)  # as written by `sagewatch features`: no sorted copy
 
 
 def read_scores(uri: str) -> pl.DataFrame:
@@ -382,7 +458,11 @@ def read_scores(uri: str) -> pl.DataFrame:
 
 
 def _require(frame: pl.DataFrame, uri: str, columns: list[str], what: str) -> None:
-    missing = [c for c in columns if c not in frame.columns]
+    _require_names(frame.columns, uri, columns, what)
+
+
+def _require_names(names: list[str], uri: str, columns: list[str], what: str) -> None:
+    missing = [c for c in columns if c not in names]
     if missing:
         raise InputError(f"{uri}: columns {missing} not found; expected {what}")
 
@@ -424,6 +504,10 @@ def run(
         "input": input_uri,
         "detector": detector_label(settings.model.detector, settings),
         "data_quality": stages[-3].details["quality"],
+        "training": {
+            k: train_record.details[k]
+            for k in ("reference_rows", "train_rows", "validation_rows", "sample")
+        },
         "comparison": [],
     }
     if LABEL in scores_columns(scores):  # only labelled data can be compared
@@ -487,26 +571,6 @@ def _without_history(summary: dict[str, Any]) -> dict[str, Any]:
     if "members" in out:
         out["members"] = [_without_history(m) for m in out["members"]]
     return out
-
-
-def _require_finite(frame: pl.DataFrame, columns: list[str], source: str) -> None:
-    """Refuse feature columns with missing or non-finite values before fitting.
-
-    Raises:
-        InputError: names the columns, e.g. part files computed from inputs with
-            different sensors and read together.
-    """
-    bad = frame.select(
-        (pl.col(c).is_null() | ~pl.col(c).is_finite()).sum().alias(c) for c in columns
-    ).row(0, named=True)
-    bad = {c: n for c, n in bad.items() if n}
-    if bad:
-        shown = ", ".join(f"{c} ({n} rows)" for c, n in list(bad.items())[:5])
-        raise InputError(
-            f"{source}: features with missing or non-finite values: {shown}"
-            f"{' ...' if len(bad) > 5 else ''}; expected complete features (were "
-            "part files computed from inputs with different sensors?)"
-        )
 
 
 def _describe_inputs(uri: str) -> list[dict[str, Any]]:

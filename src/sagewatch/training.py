@@ -1,5 +1,11 @@
 """Fitting a detector on the reference period; the autoencoder training loop.
 
+The reference period is read twice, block by block (:mod:`sagewatch.reference`):
+once for the scaler's statistics, once to keep the rows that the seeded samples
+of :mod:`sagewatch.sampling` touch. Memory and fitting time therefore follow
+``max_train_samples`` and ``max_calibration_rows``, not the length of the
+reference period.
+
 Training is deterministic on CPU for a given seed and thread count (``threads``,
 1 by default): weights are initialised from ``torch.manual_seed(seed)`` and batches
 are shuffled by a generator seeded the same way; ensemble member ``i`` uses seed
@@ -13,7 +19,6 @@ import copy
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC
 from typing import Any
 
 import numpy as np
@@ -25,8 +30,9 @@ from tqdm.auto import tqdm
 from sagewatch.config import ModelSettings, ReferenceSettings, Settings
 from sagewatch.detector import Detector
 from sagewatch.errors import InputError
-from sagewatch.models import window_index
-from sagewatch.schema import ENTITY, TIMESTAMP
+from sagewatch.reference import ArrayReference, Reference, TableReference, until_expr
+from sagewatch.sampling import held_ends, train_ends, windows
+from sagewatch.schema import ENTITY
 
 log = logging.getLogger(__name__)
 # Validation sequences per forward pass (memory stays bounded on long references).
@@ -41,28 +47,14 @@ def training_sequences(
     length: int,
     validation_stride: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Row numbers of the training and validation sequences. (sequences, length)
-
-    Sequences are the ``length`` rows ending at a row (see
-    :func:`~sagewatch.models.window_index`), built only for the rows chosen as
-    ends, so memory follows the sample, not the reference period. Training sequences end
-    at every ``sequence_stride``-th row that is not held out, at most
-    ``max_train_samples`` of them (a seeded sample); validation sequences end at
-    every ``validation_stride``-th held-out row, counted back from the last, at
-    most a quarter of ``max_train_samples`` of them (a seeded sample).
+    """Row numbers of the training and validation sequences of rows grouped by
+    ``entity``, ``held`` marking the last rows of each (see
+    :func:`~sagewatch.sampling.plan_sample`). Returns (sequences, length) twice.
     """
-    ends = np.flatnonzero(~held)[:: settings.sequence_stride]
-    if len(ends) > settings.max_train_samples:
-        rng = np.random.default_rng(settings.seed)
-        ends = np.sort(rng.choice(ends, settings.max_train_samples, replace=False))
-        log.info("sampled %d training sequences", len(ends))
-    held_ends = np.flatnonzero(held)[::-1][::validation_stride][::-1]
-    cap = max(settings.max_train_samples // 4, 1)
-    if len(held_ends) > cap:
-        rng = np.random.default_rng(settings.seed + 1)
-        held_ends = np.sort(rng.choice(held_ends, cap, replace=False))
-        log.info("sampled %d validation sequences", len(held_ends))
-    return window_index(entity, length, ends), window_index(entity, length, held_ends)
+    layout = ArrayReference(np.zeros((len(entity), 0)), entity, held).layout
+    ends, _ = train_ends(layout, settings.sequence_stride, settings)
+    held, _ = held_ends(layout, validation_stride, settings)
+    return windows(layout, ends, length), windows(layout, held, length)
 
 
 def fit_autoencoder(
@@ -208,10 +200,7 @@ def reference_mask(frame: pl.DataFrame, settings: ReferenceSettings) -> pl.Serie
     if settings.train_rows is not None:
         expr = row < settings.train_rows
     elif settings.train_until is not None:
-        until = settings.train_until
-        if until.tzinfo is None:
-            until = until.replace(tzinfo=UTC)
-        expr = pl.col(TIMESTAMP) <= pl.lit(until).dt.convert_time_zone("UTC")
+        expr = until_expr(settings)
     else:
         expr = row < (pl.len() * settings.train_fraction).ceil().over(ENTITY)
     return frame.select(expr.alias("in_reference")).to_series()
@@ -224,50 +213,55 @@ def fit_detector(
     *,
     progress: bool = False,
 ) -> tuple[Detector, dict[str, Any]]:
-    """Fit a detector on the reference period of a features table.
+    """Fit a detector on the reference period of a features table in memory.
 
-    The last ``validation_fraction`` of each entity's reference rows is held out for
-    early stopping and the threshold (when that leaves fewer than 2 rows to train
-    on, nothing is held out and the threshold comes from the training rows).
+    See :func:`fit_reference`; the table gives the same detector as the feature
+    files written from it.
 
     Raises:
-        InputError: no entity has enough reference rows.
+        InputError: no entity has enough reference rows, or features are missing.
     """
-    model = settings.model
-    reference = reference_mask(features, settings.reference)
-    ref = features.filter(reference)
-    per_entity = ref.group_by(ENTITY, maintain_order=True).len()
-    empty = sorted(set(features[ENTITY].unique()) - set(per_entity[ENTITY]))
-    if empty:
+    reference = TableReference(features, feature_columns, settings)
+    return fit_reference(reference, settings, progress=progress)
+
+
+def fit_reference(
+    reference: Reference, settings: Settings, *, progress: bool = False
+) -> tuple[Detector, dict[str, Any]]:
+    """Fit a detector on a reference period read block by block.
+
+    The last ``validation_fraction`` of each entity's reference rows is held out
+    for early stopping and the threshold (when that leaves fewer than 2 rows to
+    train on, nothing is held out and the threshold comes from the training
+    rows). Memory follows the samples (:func:`~sagewatch.sampling.plan_sample`),
+    not the reference period. Returns the detector and what it was fitted on.
+
+    Raises:
+        InputError: no entity has enough reference rows, or features are missing.
+    """
+    layout = reference.layout
+    if reference.without_reference:
         log.warning(
             "no reference rows for entities %s; they are scored but not trained on",
-            empty[:10],
+            reference.without_reference[:10],
         )
-    if ref.height < 2:
+    total = int(layout.rows.sum())
+    if total < 2:
         raise InputError(
-            f"the reference period holds {ref.height} rows; need at least 2. "
+            f"the reference period holds {total} rows; need at least 2. "
             "Check train_rows / train_until / train_fraction"
         )
-    is_val = _held_out(ref, model.validation_fraction)
-    if int((~is_val).sum()) < 2:
-        is_val = np.zeros(ref.height, dtype=bool)
-    # Float32 as stored (Float64 from older feature files); the scaler works in
-    # float64 and hands the model float32.
-    x = ref.select(feature_columns).to_numpy()
-    entity = ref[ENTITY].cast(pl.String).to_numpy()
-    detector = Detector(model).fit(
-        x, entity, feature_columns, validation=is_val, progress=progress
+    detector = Detector(settings.model).fit_reference(
+        reference, reference.columns, progress=progress
     )
-    ends = ref.group_by(ENTITY, maintain_order=True).agg(pl.col(TIMESTAMP).max())
     detector.feature_window_ = settings.features.rolling_window
-    detector.reference_end_ = {
-        e: t.isoformat() for e, t in zip(ends[ENTITY], ends[TIMESTAMP], strict=True)
-    }
+    detector.reference_end_ = dict(reference.reference_end)
     info = {
-        "reference_rows": ref.height,
-        "train_rows": int((~is_val).sum()),
-        "validation_rows": int(is_val.sum()),
-        "entities_without_reference": empty,
+        "reference_rows": total,
+        "train_rows": int(layout.train.sum()),
+        "validation_rows": int(layout.held.sum()),
+        "entities_without_reference": reference.without_reference,
+        "sample": detector.training_["sample"],
     }
     return detector, info
 
