@@ -296,6 +296,35 @@ def test_long_entity_is_cut_into_pieces_with_flags() -> None:
         assert chunk.open_end or len(names) >= 1
 
 
+def test_chunks_of_whole_entities_stay_within_the_chunk_size() -> None:
+    # Three entities of 6 rows, chunks of 10: one entity per chunk, never 12 rows.
+    frame = pl.DataFrame(
+        {"machine_id": ["a"] * 6 + ["b"] * 6 + ["c"] * 6, "v": range(18)}
+    )
+    batches = (frame.slice(i, 4) for i in range(0, frame.height, 4))
+
+    chunks = list(streaming.entity_chunks(batches, pl.col(ENTITY), 10))
+
+    assert [c.frame[ENTITY].unique().to_list() for c in chunks] == [["a"], ["b"], ["c"]]
+    assert not any(c.continues or c.open_end for c in chunks)
+    assert pl.concat([c.frame for c in chunks]).equals(frame)
+
+
+def test_feature_chunks_end_before_the_file_that_would_outgrow_them(
+    tmp_path: Path,
+) -> None:
+    files = []
+    for name in ("a", "b", "c"):
+        stamps = [START + timedelta(seconds=i) for i in range(6)]
+        frame = pl.DataFrame({TIMESTAMP: stamps, ENTITY: name, "v": range(6)})
+        files.append(_write(frame, tmp_path / f"features-{name}.parquet"))
+
+    chunks = list(streaming.feature_chunks(files, 10))
+
+    assert [c.frame.height for c in chunks] == [6, 6, 6]
+    assert [c.frame[ENTITY][0] for c in chunks] == ["a", "b", "c"]
+
+
 def test_runs_of_an_entity_spelled_with_spaces_are_one_entity() -> None:
     names = ["a", "a", " a", "a ", "b", "b", "a"]
     frame = pl.DataFrame({"id": names, "x": range(len(names))})

@@ -169,7 +169,9 @@ def entity_chunks(
     key: pl.Expr,
     chunk_rows: int,
 ) -> Iterator[Chunk]:
-    """Regroup row batches into chunks of about ``chunk_rows`` rows cut at entities.
+    """Regroup row batches into chunks of whole entities, of about ``chunk_rows``
+    rows at most: a chunk ends before the entity that would take it past
+    ``chunk_rows``, so memory follows the chunk size, not the entities' lengths.
 
     An entity that reaches ``chunk_rows`` rows on its own is passed on in pieces,
     each piece a chunk of its own.
@@ -202,6 +204,10 @@ def entity_chunks(
         complete, pending = part.split_last()
         if complete is not None:
             done.add(complete.names)
+            if ready and ready_rows + complete.frame.height > chunk_rows:
+                # cut before the chunk outgrows chunk_rows: memory follows it
+                yield from emit(ready, open_end=False)
+                ready, ready_rows = [], 0
             ready.append(complete)
             ready_rows += complete.frame.height
         if ready_rows >= chunk_rows or (ready and pending.frame.height >= chunk_rows):
@@ -212,6 +218,9 @@ def entity_chunks(
             pending = None
     if pending is not None:
         done.add(pending.names)
+        if ready and ready_rows + pending.frame.height > chunk_rows:
+            yield from emit(ready, open_end=False)
+            ready = []
         ready.append(pending)
     if ready:
         yield from emit(ready, open_end=False)
@@ -876,7 +885,7 @@ def context_rows(detector: Detector) -> int:
 def feature_chunks(
     files: list[str], chunk_rows: int, rows: Counter[str] | None = None
 ) -> Iterator[Chunk]:
-    """Feature rows in chunks of about ``chunk_rows`` rows, files in order.
+    """Feature rows in chunks of at most ``chunk_rows`` rows, files in order.
 
     ``rows``, when given, counts the rows read per file.
 
@@ -898,13 +907,13 @@ def feature_chunks(
             last_time = batch[TIMESTAMP][-1]
             if rows is not None:
                 rows[path] += batch.height
+            if ready and total + batch.height > chunk_rows:
+                yield Chunk(_concat(ready), continues=continues)
+                ready, total = [], 0
             if not ready:
                 continues = joins
             ready.append(batch)
             total += batch.height
-            if total >= chunk_rows:
-                yield Chunk(_concat(ready), continues=continues)
-                ready, total = [], 0
     if ready:
         yield Chunk(_concat(ready), continues=continues)
 
