@@ -27,6 +27,7 @@ from sagewatch.features import (
 from sagewatch.pipeline import read_features, stage_features, stage_score, stage_train
 from sagewatch.schema import ENTITY, LABEL, TIMESTAMP, load_raw
 from sagewatch.scoring import score_features
+from sagewatch.streaming import _chunks, _writers
 
 # Entity lengths: longer and shorter than the chunks and the window, one row alone.
 LENGTHS = {"pump-1": 40, "pump-2": 4, "pump-3": 1, "pump-4": 23}
@@ -263,7 +264,7 @@ def test_a_failed_write_on_the_writer_thread_stops_the_stage_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     raw = _write(_raw(), tmp_path / "raw" / "fleet.parquet")
-    real, calls = streaming._write_parquet, []
+    real, calls = _writers._write_parquet, []
 
     def write(part: pl.DataFrame, path: str) -> None:
         calls.append(path)
@@ -271,7 +272,7 @@ def test_a_failed_write_on_the_writer_thread_stops_the_stage_and_leaves_nothing(
             raise StorageError(f"cannot write {path}: disk full")
         real(part, path)
 
-    monkeypatch.setattr(streaming, "_write_parquet", write)
+    monkeypatch.setattr(_writers, "_write_parquet", write)
     with pytest.raises(StorageError, match="disk full"):
         streaming.stream_features(
             Settings(), raw, str(tmp_path / "features"), chunk_rows=5
@@ -330,7 +331,7 @@ def test_runs_of_an_entity_spelled_with_spaces_are_one_entity() -> None:
     frame = pl.DataFrame({"id": names, "x": range(len(names))})
     key = pl.col("id").str.strip_chars()
 
-    part = streaming._Part.of(frame, key)
+    part = _chunks._Part.of(frame, key)
 
     assert part.starts.tolist() == [0, 4, 6]
     assert part.names == ["a", "b", "a"]
