@@ -726,7 +726,7 @@ def test_artifact_of_another_release_same_format_loads_with_a_warning(
 ) -> None:
     model = _copy(fitted[1], tmp_path)
     _edit_metadata(model, sagewatch_version="0.0.9")
-    with caplog.at_level(logging.WARNING, logger="sagewatch.detector"):
+    with caplog.at_level(logging.WARNING, logger="sagewatch.artifact"):
         loaded = Detector.load(str(model))
     assert loaded.threshold_ == fitted[0].threshold_
     assert f"{model} was written by sagewatch 0.0.9, this is 0.1.0" in caplog.text

@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 
 from sagewatch import detector as detector_module
+from sagewatch import row_scores
 from sagewatch.config import ModelSettings, Settings
 from sagewatch.detector import Detector
 from sagewatch.errors import ArtifactError, NotFittedError, SchemaMismatchError
@@ -104,11 +105,16 @@ def test_iforest_scores_a_point_off_the_data_above_normal_rows() -> None:
     assert score[100] > 0.65  # ordinary rows score about 0.5 and below
 
 
-def test_causal_scores_do_not_depend_on_where_a_block_starts(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+def causal_in_tiles_of_16(monkeypatch: pytest.MonkeyPatch) -> Detector:
     monkeypatch.setattr(detector_module, "TILE_ROWS", 16)
-    detector = _fitted("causal")
+    return _fitted("causal")
+
+
+def test_causal_scores_do_not_depend_on_where_a_block_starts(
+    causal_in_tiles_of_16: Detector,
+) -> None:
+    detector = causal_in_tiles_of_16
     x, entity = _reference(seed=3)
     position = np.r_[np.arange(60), np.arange(60)]
     whole, contributions = detector.score_rows(x, entity)
@@ -122,6 +128,24 @@ def test_causal_scores_do_not_depend_on_where_a_block_starts(
         )
         assert np.array_equal(part[lead:], whole[start:]), start
         assert np.array_equal(part_contributions[lead:], contributions[start:])
+
+
+def test_causal_tiles_take_the_detectors_tile_rows(
+    monkeypatch: pytest.MonkeyPatch, causal_in_tiles_of_16: Detector
+) -> None:
+    x, entity = _reference(seed=3)
+    shapes = []
+    tile_index = row_scores.tile_index
+
+    def spy(*args: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        index, tile_of, offset = tile_index(*args)
+        shapes.append(index.shape)
+        return index, tile_of, offset
+
+    monkeypatch.setattr(row_scores, "tile_index", spy)
+    causal_in_tiles_of_16.score_rows(x, entity)
+
+    assert shapes == [(8, 19 + 16)]  # 4 tiles per entity of 60 rows, after 19 rows
 
 
 def test_causal_row_ignores_later_rows_and_rows_beyond_its_receptive_field() -> None:
@@ -345,7 +369,7 @@ def test_load_refuses_weights_of_the_other_architecture(tmp_path: Path) -> None:
 def test_causal_code_as_wide_as_the_sensors_is_warned_about(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level("WARNING", logger="sagewatch.detector"):
+    with caplog.at_level("WARNING", logger="sagewatch.training"):
         _fitted("causal", encoding_dim=3)
 
     assert "encoding_dim=3 is not below the number of sensors (3)" in caplog.text

@@ -1,16 +1,13 @@
-"""Scaler, windows, the autoencoders and the array forest."""
+"""Scaler, windows, PCA and the array forest."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from sagewatch import models
 from sagewatch.errors import NotFittedError
 from sagewatch.models import (
-    ConvAutoencoder,
-    DenseAutoencoder,
     IsolationTrees,
     Scaler,
     average_path_length,
@@ -141,15 +138,6 @@ def test_window_index_for_chosen_ends_equals_the_full_index() -> None:
     assert window_index(entity, 3, np.array([1, 4])).tolist() == [[0, 0, 1], [3, 3, 4]]
 
 
-@pytest.mark.parametrize("length", [2, 7, 16, 33])
-def test_autoencoder_restores_any_sequence_length(length: int) -> None:
-    model = ConvAutoencoder(5, length, [8, 4], 3, 5)
-
-    out = model(torch.zeros(2, length, 5))
-
-    assert out.shape == (2, length, 5)
-
-
 def test_average_path_length_small_trees() -> None:
     c = average_path_length(np.array([0, 1, 2, 3, 256]))
 
@@ -183,16 +171,3 @@ def test_trailing_mean_stays_within_each_entity() -> None:
     assert np.allclose(out, [1.0, 4 / 3, 2.0, 3.0, 10.0, 40 / 3])
     assert np.allclose(trailing_mean(values[:2], entity[:2], 3), [1.0, 4 / 3])
     assert trailing_mean(values, entity, 1) is values
-
-
-def test_dense_autoencoder_keeps_the_shape_of_any_batch() -> None:
-    net = DenseAutoencoder(6, [4], 2)
-
-    assert net(torch.zeros(5, 6)).shape == (5, 6)
-    assert net(torch.zeros(5, 1, 6)).shape == (5, 1, 6)
-    assert net.arguments() == {
-        "type": "dense",
-        "n_features": 6,
-        "hidden_dims": [4],
-        "encoding_dim": 2,
-    }

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from sagewatch import detector as detector_module
-from sagewatch import sampling
+from sagewatch import sampling, thresholds
 from sagewatch.config import ModelSettings, ReferenceSettings, Settings
 from sagewatch.detector import Detector
 from sagewatch.errors import InputError
-from sagewatch.models import ConvAutoencoder, window_index
+from sagewatch.models import window_index
+from sagewatch.networks import ConvAutoencoder
 from sagewatch.reference import ArrayReference
 from sagewatch.training import (
     _held_out,
@@ -195,7 +196,7 @@ def test_sampled_threshold_uses_the_whole_table_scores_of_its_rows(
     # cut the entities.
     monkeypatch.setattr(sampling, "CALIBRATION_BLOCK", 16)
     monkeypatch.setattr(detector_module, "TILE_ROWS", 8)
-    monkeypatch.setattr(detector_module, "_CALIBRATION_BATCH", 7)
+    monkeypatch.setattr(thresholds, "_CALIBRATION_BATCH", 7)
     rng = np.random.default_rng(3)
     x = np.sin(np.arange(600)[:, None] / 9 + np.arange(3)) + rng.normal(
         0, 0.1, (600, 3)
@@ -219,7 +220,7 @@ def test_sampled_threshold_uses_the_whole_table_scores_of_its_rows(
     assert len(rows) == detector.threshold_rule_["n_rows"] == 32  # two blocks
     assert held[rows].all()
     whole, _ = detector.score_rows(x, entity)
-    expected, _ = detector._threshold(whole[rows], "held-out")
+    expected, _ = thresholds.learn_threshold(whole[rows], settings, "held-out")
     assert detector.threshold_ == expected
     assert detector.training_["sample"]["calibration"] == {
         "used": 32,

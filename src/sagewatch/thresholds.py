@@ -10,7 +10,9 @@ was not fitted on (the held-out tail of each entity's reference period).
   model extrapolates beyond the largest calibration score, which a quantile of a
   few hundred rows cannot do.
 
-Either is then multiplied by ``threshold_margin``.
+Either is then multiplied by ``threshold_margin`` (:func:`learn_threshold`). The
+calibration rows are scored in batches, each after the rows its scores depend on
+(:func:`calibration_scores`).
 
 An alarm is raised on a row when at least ``alarm_min_rows`` of the last
 ``alarm_window`` rows of its entity (itself included) score above the threshold,
@@ -20,14 +22,80 @@ which suppresses isolated exceedances.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from sagewatch.config import ModelSettings
+    from sagewatch.sampling import Sample
 
 log = logging.getLogger(__name__)
 
 # Fewer exceedances than this make a tail fit meaningless; POT falls back.
 MIN_EXCEEDANCES = 10
+# Calibration rows scored per pass when the threshold is learnt.
+_CALIBRATION_BATCH = 65_536
+
+
+def calibration_scores(
+    score: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, Any]],
+    z: np.ndarray,
+    sample: Sample,
+    context: int,
+) -> np.ndarray:
+    """Scores of the calibration rows (held-out rows, all rows when none is
+    held out, or a sample of either), each scored after its context rows.
+
+    ``z`` holds the sample's scaled rows; ``score(z, entity, position)`` returns
+    their scores first. The rows go through it in batches of
+    :data:`_CALIBRATION_BATCH`, each after the ``context`` rows before it, so
+    memory does not grow with ``max_calibration_rows`` and every row scores as in
+    one pass. (calibration rows,)
+    """
+    total = len(sample.scored)
+    scores = np.empty(total)
+    for start in range(0, total, _CALIBRATION_BATCH):
+        lead = min(start, context)
+        rows = slice(start - lead, min(start + _CALIBRATION_BATCH, total))
+        part, _ = score(
+            z[sample.scored[rows]], sample.segment[rows], sample.position[rows]
+        )
+        scores[start : rows.stop] = part[lead:]
+    return scores[sample.calibration]
+
+
+def learn_threshold(
+    scores: np.ndarray, settings: ModelSettings, source: str
+) -> tuple[float, dict[str, Any]]:
+    """The threshold of the settings' rule on calibration ``scores``, and the rule
+    as ``detector.json`` records it; ``source`` names the rows scored."""
+    s = settings
+    rule: dict[str, Any] = {
+        "rule": s.threshold_rule,
+        "margin": s.threshold_margin,
+        "computed_on": f"{source} rows of the reference period",
+        "n_rows": len(scores),
+    }
+    if s.threshold_rule == "pot":
+        value, fit = pot_threshold(
+            scores, risk=s.threshold_risk, initial_quantile=1 - s.threshold_tail
+        )
+        rule.update(risk=s.threshold_risk, tail=s.threshold_tail, fit=fit)
+    else:
+        value = quantile_threshold(scores, s.threshold_quantile)
+        rule["quantile"] = s.threshold_quantile
+    value *= s.threshold_margin
+    log.info(
+        "threshold %.6g (%s rule x %.3g) from %d %s scores",
+        value,
+        s.threshold_rule,
+        s.threshold_margin,
+        len(scores),
+        source,
+    )
+    return float(value), rule
 
 
 def quantile_threshold(scores: np.ndarray, quantile: float) -> float:

@@ -1,4 +1,5 @@
-"""Fitting a detector on the reference period; the autoencoder training loop.
+"""Fitting a detector on the reference period; each model kind's fit and the
+autoencoder training loop.
 
 The reference period is read twice, block by block (:mod:`sagewatch.reference`):
 once for the scaler's statistics, once to keep the rows that the seeded samples
@@ -18,7 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,8 +31,10 @@ from tqdm.auto import tqdm
 from sagewatch.config import ModelSettings, ReferenceSettings, Settings
 from sagewatch.detector import Detector
 from sagewatch.errors import InputError
+from sagewatch.models import IsolationTrees, fit_pca
+from sagewatch.networks import CausalConvAutoencoder, ConvAutoencoder, DenseAutoencoder
 from sagewatch.reference import ArrayReference, Reference, TableReference, until_expr
-from sagewatch.sampling import held_ends, train_ends, windows
+from sagewatch.sampling import Sample, held_ends, train_ends, windows
 from sagewatch.schema import ENTITY
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,116 @@ def training_sequences(
     ends, _ = train_ends(layout, settings.sequence_stride, settings)
     held, _ = held_ends(layout, validation_stride, settings)
     return windows(layout, ends, length), windows(layout, held, length)
+
+
+def fit_model(
+    z: np.ndarray,
+    sample: Sample,
+    settings: ModelSettings,
+    *,
+    sensors: Sequence[str],
+    hidden: list[int],
+    network_context: int,
+    progress: bool = False,
+) -> tuple[Any, dict[str, Any]]:
+    """The model of ``settings.detector`` fitted on the scaled rows ``z`` that
+    ``sample`` keeps, and a summary for ``detector.json``.
+
+    The autoencoders (``ensemble_size`` of them, member ``i`` trained with seed
+    ``seed + i``) learn from the training sequences, of hidden widths ``hidden``;
+    the causal model's sequences start ``network_context`` rows early, rows that
+    only feed the network. PCA and Isolation Forest learn from the last row of
+    each training sequence.
+    """
+    s = settings
+    if s.detector == "autoencoder":
+        code = _code_width(s, z.shape[1], sensors)
+        build = _builder(s, z.shape[1], hidden, code)
+        context = network_context if s.architecture == "causal" else 0
+        members, summaries = _fit_members(build, z, sample, s, context, progress)
+        return members, {
+            "members": summaries,
+            "n_train": len(sample.train),
+            "encoding_dim": code,
+        }
+    train = z[sample.train[:, -1]]  # (rows, features)
+    if s.detector == "pca":
+        model, k = fit_pca(train, s.pca_variance)
+        return model, {"n_components": k, "n_train": len(train)}
+    trees = IsolationTrees.fit(
+        train,
+        n_trees=s.iforest_trees,
+        max_samples=s.iforest_max_samples,
+        seed=s.seed,
+    )
+    return trees, {"n_trees": s.iforest_trees, "n_train": len(train)}
+
+
+def _code_width(settings: ModelSettings, features: int, sensors: Sequence[str]) -> int:
+    """``encoding_dim``, else half the features (dense), half the sensors (causal)
+    or 16 channels (window); a causal code as wide as the sensors is warned about.
+    """
+    s = settings
+    if s.encoding_dim:
+        code = s.encoding_dim
+    elif s.architecture == "dense":
+        code = max(1, features // 2)
+    elif s.architecture == "causal":
+        code = max(1, len(sensors) // 2)
+    else:
+        code = 16
+    if s.architecture == "causal" and code >= len(sensors):
+        log.warning(
+            "encoding_dim=%d is not below the number of sensors (%d): the causal "
+            "autoencoder can pass each row through its code and will miss "
+            "anomalies; use fewer code channels",
+            code,
+            len(sensors),
+        )
+    return code
+
+
+def _builder(
+    settings: ModelSettings, features: int, hidden: list[int], code: int
+) -> Callable[[], nn.Module]:
+    """What makes a new, untrained autoencoder of the settings' architecture."""
+    s = settings
+
+    def build() -> nn.Module:
+        if s.architecture == "dense":
+            return DenseAutoencoder(features, hidden, code)
+        if s.architecture == "causal":
+            return CausalConvAutoencoder(features, hidden, code, s.kernel_size)
+        return ConvAutoencoder(features, s.sequence_length, hidden, code, s.kernel_size)
+
+    return build
+
+
+def _fit_members(
+    build: Callable[[], nn.Module],
+    z: np.ndarray,
+    sample: Sample,
+    settings: ModelSettings,
+    context: int,
+    progress: bool,
+) -> tuple[list[nn.Module], list[dict[str, Any]]]:
+    """The ensemble's members, member ``i`` trained with seed ``seed + i``, and
+    their training summaries."""
+    members, summaries = [], []
+    for member in range(settings.ensemble_size):
+        model, summary = fit_autoencoder(
+            build,
+            z,
+            sample.train,
+            sample.validation,
+            settings,
+            context=context,
+            seed=settings.seed + member,
+            progress=progress,
+        )
+        members.append(model)
+        summaries.append(summary)
+    return members, summaries
 
 
 def fit_autoencoder(
