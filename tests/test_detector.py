@@ -257,6 +257,20 @@ def test_detector_unseen_entity_uses_pooled_centre() -> None:
     assert np.all(np.isfinite(score))
 
 
+@pytest.mark.parametrize("kind", ["autoencoder", "causal"])
+def test_an_ensemble_is_saved_and_loaded_whole(kind: str, tmp_path: Path) -> None:
+    detector = _fitted(kind, ensemble_size=2)
+    x, entity = _reference(seed=1)
+
+    detector.save(str(tmp_path))
+    loaded = Detector.load(str(tmp_path))
+
+    assert len(loaded.model_) == 2
+    assert np.array_equal(
+        detector.score_rows(x, entity)[0], loaded.score_rows(x, entity)[0]
+    )
+
+
 def test_load_refuses_tampered_weights(tmp_path: Path) -> None:
     _fitted("pca").save(str(tmp_path))
     (tmp_path / "weights.pt").write_bytes(b"not the weights")

@@ -184,6 +184,7 @@ def _restore_scaler(saved: dict[str, Any]) -> Scaler:
 def _restore_member(
     arch: dict[str, Any], state: dict[str, torch.Tensor], prefix: str
 ) -> nn.Module:
+    arch = dict(arch)  # the members share one description: keep it whole
     kind = arch.pop("type", None)
     classes = {
         "dense": DenseAutoencoder,
