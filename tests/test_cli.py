@@ -97,6 +97,15 @@ def test_stages_one_by_one_write_their_outputs(tmp_path: Path) -> None:
     top = report["top_anomalies"][0]["anomaly_score"]
     assert top == table.filter(pl.col("in_reference") == 0)["anomaly_score"].max()
 
+    # The scores folder holds the CSV and its Parquet copy: each row counts once.
+    code, out = _invoke(
+        "-q", "evaluate", "--input", str(scores), "--output-dir", str(ev)
+    )
+    assert code == 0, out
+    again = json.loads((ev / "evaluation_report.json").read_text())
+    assert again["rows"] == 600
+    assert again["evaluated_rows"] == report["evaluated_rows"]
+
 
 def test_missing_input_exits_non_zero_without_traceback(tmp_path: Path) -> None:
     code, out = _invoke(

@@ -442,7 +442,7 @@ def read_scores(uri: str) -> pl.DataFrame:
     """
     from sagewatch.scoring import SCORE_COLUMNS  # loads torch
 
-    scores = storage.read_table(uri)
+    scores = storage.read_table(_one_copy(uri))
     what = "anomaly_scores.csv or .parquet written by `sagewatch score`"
     _require(scores, uri, [TIMESTAMP, ENTITY, *SCORE_COLUMNS[:4]], what)
     if scores.schema.get("timestamp") == pl.String:
@@ -455,6 +455,21 @@ def read_scores(uri: str) -> pl.DataFrame:
     return scores.with_columns(
         pl.col("machine_id").cast(pl.String), pl.col("top_sensor").cast(pl.String)
     )
+
+
+def _one_copy(uri: str) -> str:
+    """The Parquet file where a folder holds both copies of a scores table.
+
+    ``sagewatch score`` writes the same rows as CSV and as Parquet; read as part
+    files, a folder holding both would count every row twice.
+    """
+    files = storage.list_files(uri)
+    names = {f.rsplit("/", 1)[-1]: f for f in files}
+    csv, parquet = SCORES_CSV, SCORES_PARQUET
+    if len(files) > 1 and csv in names and parquet in names:
+        log.info("%s: reading %s, the Parquet copy of %s", uri, parquet, csv)
+        return names[parquet]
+    return uri
 
 
 def _require(frame: pl.DataFrame, uri: str, columns: list[str], what: str) -> None:
