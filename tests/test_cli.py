@@ -136,3 +136,19 @@ def test_two_reference_flags_are_refused(tmp_path: Path) -> None:
     )
     assert code == 2
     assert "--train-rows and --train-fraction" in out
+
+
+def test_a_failed_run_leaves_no_manifest_of_an_earlier_run(tmp_path: Path) -> None:
+    code, out = _invoke("-q", "run", "--data-dir", str(tmp_path), *SMALL)
+    assert code == 0, out
+    weights = (tmp_path / "model" / "weights.pt").read_bytes()
+
+    # A reference period before the data: features are redone, training refuses.
+    code, out = _invoke(
+        "-q", "run", "--data-dir", str(tmp_path), *SMALL, "--train-until", "2000-01-01"
+    )
+
+    assert code == 3, out
+    assert "reference period holds 0 rows" in out
+    assert not (tmp_path / "run_manifest.json").exists()
+    assert (tmp_path / "model" / "weights.pt").read_bytes() == weights

@@ -492,10 +492,21 @@ def run(
     input_uri: str | None = None,
     progress: bool = False,
 ) -> RunResult:
-    """Run every stage in order and write ``run_manifest.json`` under ``data_dir``."""
+    """Run every stage in order and write ``run_manifest.json`` under ``data_dir``.
+
+    Each stage replaces its own outputs atomically; a run that fails part-way
+    leaves the stages before the failure done, the later ones as they were, and
+    no ``run_manifest.json``.
+    """
     paths = layout(settings, data_dir)
     started = datetime.now(UTC)
     stages: list[StageRecord] = []
+    manifest_uri = storage.join(data_dir, MANIFEST)
+    if storage.exists(manifest_uri):
+        # The manifest vouches for a whole run: a run that fails part-way leaves
+        # none, rather than an earlier run's that no longer matches the folders.
+        log.info("removing the previous run's %s", manifest_uri)
+        storage.remove(manifest_uri)
     if input_uri is None:
         input_uri, record = stage_generate(settings, paths["raw"])
         stages.append(record)
@@ -536,7 +547,6 @@ def run(
     )
     _handed_over(record, score_record)
     stages.append(record)
-    manifest_uri = storage.join(data_dir, MANIFEST)
     write_manifest(
         manifest_uri,
         settings,

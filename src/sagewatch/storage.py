@@ -583,6 +583,16 @@ def write_partitioned(
     return infos
 
 
+def remove(uri: str) -> None:
+    """Delete one file or object; nothing happens when there is none."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        with _s3.errors(uri, "delete"):
+            s3_client().delete_object(Bucket=bucket, Key=key)
+    else:
+        Path(uri).unlink(missing_ok=True)
+
+
 def remove_stale(uri: str, *, stem: str, keep: list[str]) -> list[str]:
     """Delete ``<stem>-*`` part files under the folder ``uri`` not named in ``keep``.
 
@@ -597,12 +607,7 @@ def remove_stale(uri: str, *, stem: str, keep: list[str]) -> list[str]:
         return []
     stale = [f for f in present if basename(f).startswith(f"{stem}-") and f not in kept]
     for f in stale:
-        if is_s3(f):
-            bucket, key = split_s3(f)
-            with _s3.errors(f, "delete"):
-                s3_client().delete_object(Bucket=bucket, Key=key)
-        else:
-            Path(f).unlink(missing_ok=True)
+        remove(f)
     if stale:
         log.warning("removed %d stale part file(s) under %s", len(stale), uri)
     return stale
