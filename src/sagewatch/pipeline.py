@@ -22,7 +22,7 @@ import polars as pl
 
 from sagewatch import __version__, storage, streaming
 from sagewatch.config import Settings
-from sagewatch.errors import InputError
+from sagewatch.errors import InputError, StorageError
 from sagewatch.evaluation import write_report
 from sagewatch.features import build_features, feature_names, sensors_of
 from sagewatch.reference import FileReference, TableReference, canonical
@@ -502,11 +502,7 @@ def run(
     started = datetime.now(UTC)
     stages: list[StageRecord] = []
     manifest_uri = storage.join(data_dir, MANIFEST)
-    if storage.exists(manifest_uri):
-        # The manifest vouches for a whole run: a run that fails part-way leaves
-        # none, rather than an earlier run's that no longer matches the folders.
-        log.info("removing the previous run's %s", manifest_uri)
-        storage.remove(manifest_uri)
+    _remove_previous(manifest_uri)
     if input_uri is None:
         input_uri, record = stage_generate(settings, paths["raw"])
         stages.append(record)
@@ -555,6 +551,21 @@ def run(
         extra={"input": input_uri, "data_dir": data_dir, **_store(input_uri, data_dir)},
     )
     return RunResult(data_dir, stages, report, manifest_uri)
+
+
+def _remove_previous(manifest_uri: str) -> None:
+    """Delete an earlier run's manifest: it vouches for a whole run, so a run that
+    fails part-way leaves none rather than one that no longer matches the folders.
+
+    A store that cannot be reached or written is left for the first stage to
+    report, with what it was writing.
+    """
+    try:
+        if storage.exists(manifest_uri):
+            log.info("removing the previous run's %s", manifest_uri)
+            storage.remove(manifest_uri)
+    except StorageError as exc:
+        log.debug("previous manifest not removed: %s", exc)
 
 
 def write_manifest(
