@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sagewatch.config import ENV_VARS, Settings, known_keys, load_settings
 from sagewatch.errors import ConfigError
@@ -145,3 +146,25 @@ def test_two_reference_rules_are_refused() -> None:
 def test_error_names_the_environment_variable() -> None:
     with pytest.raises(ConfigError, match=r"environment variables \(EPOCHS\)"):
         load_settings(None, environ={"EPOCHS": "abc"})
+
+
+@pytest.mark.parametrize(
+    ("in_file", "flag", "expected"),
+    [
+        ({"train_until": "2024-01-02"}, {"train_rows": "400"}, (400, None, 0.5)),
+        ({"train_rows": 400}, {"train_fraction": "0.2"}, (None, None, 0.2)),
+        ({"train_rows": 400}, {"train_until": "2024-01-02"}, (None, "2024", 0.5)),
+    ],
+)
+def test_a_reference_rule_on_the_command_line_replaces_the_files(
+    tmp_path: Path, in_file: dict, flag: dict, expected: tuple
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"reference": in_file}))
+
+    reference = load_settings(path, environ={}, overrides=flag).reference
+
+    rows, until, fraction = expected
+    assert reference.train_rows == rows
+    assert (reference.train_until is None) == (until is None)
+    assert reference.train_fraction == fraction

@@ -106,10 +106,14 @@ class ReferenceSettings(_Section):
     def _one_rule(self) -> ReferenceSettings:
         if self.train_rows is not None and self.train_until is not None:
             raise ValueError(
-                f"train_rows ({self.train_rows}) and train_until ({self.train_until}) "
-                "both set; choose one way to define the reference period"
+                f"train_rows ({self.train_rows}) and train_until "
+                f"({self.train_until.isoformat()}) both set; choose one way to define "
+                "the reference period"
             )
         return self
+
+
+_REFERENCE_RULES = {"train_rows", "train_until", "train_fraction"}
 
 
 class FeatureSettings(_Section):
@@ -260,6 +264,9 @@ class Settings(_Section):
             ConfigError: an unknown setting or a value of the wrong type.
         """
         tree = self.model_dump()
+        if _REFERENCE_RULES & set(overrides):
+            # A reference rule given here replaces the one set before, not joins it.
+            tree["reference"] = ReferenceSettings().model_dump()
         for key, value in overrides.items():
             section = section_of(key)
             tree[section][key] = _parse_string(value, section, key)
