@@ -209,8 +209,9 @@ def train_cmd(
     _stage_manifest(settings, record, model_dir)
     sample = record.details["sample"]
     click.echo(
-        f"fitted on {record.rows_out} reference rows "
-        f"({sample['training']['used']} training samples); threshold "
+        f"fitted on {record.details['reference_rows']} reference rows "
+        f"({sample['training']['used']} training samples of "
+        f"{record.rows_out} training rows); threshold "
         f"{detector.threshold_:.6g} from {sample['calibration']['used']} rows; "
         f"saved to {model_dir}"
     )

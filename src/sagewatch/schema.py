@@ -375,7 +375,10 @@ def _attach_label(
 ) -> pl.DataFrame:
     column = data.label_column
     if windows is not None:
-        spans = in_windows(frame[SOURCE], frame[TIMESTAMP], windows, data.timezone)
+        try:
+            spans = in_windows(frame[SOURCE], frame[TIMESTAMP], windows, data.timezone)
+        except InputError as exc:
+            raise InputError(f"{data.label_windows}: {exc}") from exc
         return frame.with_columns(spans.cast(pl.Int8).alias(LABEL))
     if not column or column not in frame.columns:
         if column and column != "anomaly":

@@ -90,7 +90,9 @@ def learn_threshold(
     log.info(
         "threshold %.6g (%s rule x %.3g) from %d %s scores",
         value,
-        s.threshold_rule,
+        "quantile fallback of the pot"
+        if "fallback" in rule.get("fit", {})
+        else s.threshold_rule,
         s.threshold_margin,
         len(scores),
         source,

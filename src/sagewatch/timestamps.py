@@ -152,7 +152,10 @@ def in_windows(
         else:
             keys = [k for k in windows if re.split(r"[/\\]", k)[-1] == name]
             if not keys:
-                raise InputError(f"label windows name no file called {name!r}")
+                raise InputError(
+                    f"the label windows name no file called {name!r}; expected a "
+                    "key ending in the input file's name"
+                )
             spans = windows[keys[0]]
         rows = sources == path
         for span in spans:

@@ -96,7 +96,7 @@ def stream_features(
                 settings, input_uri, files, writer, chunk_rows, total, progress
             )
     except (_Fallback, InputError, pl.exceptions.PolarsError) as exc:
-        log.info("%s: not streamed (%s); validating in memory", input_uri, exc)
+        log.warning("%s: not streamed (%s); validating in memory", input_uri, exc)
         return None
     result.outputs = writer.outputs
     result.inputs = [

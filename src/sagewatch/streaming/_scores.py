@@ -92,7 +92,7 @@ def stream_scores(
             rows,
         )
     except (_Fallback, InputError, pl.exceptions.PolarsError) as exc:
-        log.info("%s: not streamed (%s); reading it whole", features_uri, exc)
+        log.warning("%s: not streamed (%s); reading it whole", features_uri, exc)
         return None
     result.inputs = [replace(info, rows=rows[info.uri]) for info in result.inputs]
     log.info(
