@@ -29,6 +29,7 @@ from sagewatch.features import (
 )
 from sagewatch.schema import ENTITY, LABEL, SOURCE, TIMESTAMP, Dataset, validate
 from sagewatch.streaming._chunks import (
+    NotGroupedError,
     _Fallback,
     count_rows,
     entity_chunks,
@@ -96,7 +97,9 @@ def stream_features(
                 settings, input_uri, files, writer, chunk_rows, total, progress
             )
     except (_Fallback, InputError, pl.exceptions.PolarsError) as exc:
-        log.warning("%s: not streamed (%s); validating in memory", input_uri, exc)
+        # Interleaved entities cost memory the user can avoid: say so aloud.
+        level = logging.WARNING if isinstance(exc, NotGroupedError) else logging.INFO
+        log.log(level, "%s: not streamed (%s); validating in memory", input_uri, exc)
         return None
     result.outputs = writer.outputs
     result.inputs = [

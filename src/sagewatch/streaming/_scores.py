@@ -23,6 +23,7 @@ from sagewatch.errors import InputError
 from sagewatch.schema import ENTITY, TIMESTAMP
 from sagewatch.streaming._chunks import (
     Chunk,
+    NotGroupedError,
     _concat,
     _Fallback,
     count_rows,
@@ -92,7 +93,9 @@ def stream_scores(
             rows,
         )
     except (_Fallback, InputError, pl.exceptions.PolarsError) as exc:
-        log.warning("%s: not streamed (%s); reading it whole", features_uri, exc)
+        # Interleaved entities cost memory the user can avoid: say so aloud.
+        level = logging.WARNING if isinstance(exc, NotGroupedError) else logging.INFO
+        log.log(level, "%s: not streamed (%s); reading it whole", features_uri, exc)
         return None
     result.inputs = [replace(info, rows=rows[info.uri]) for info in result.inputs]
     log.info(
