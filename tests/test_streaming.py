@@ -339,16 +339,19 @@ def test_runs_of_an_entity_spelled_with_spaces_are_one_entity() -> None:
         list(streaming.entity_chunks(iter([frame.head(3), frame.tail(4)]), key, 100))
 
 
-def test_interleaved_entities_are_refused_then_read_whole(tmp_path: Path) -> None:
+def test_interleaved_entities_are_refused_then_read_whole(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     raw = _write(_raw().sort(TIMESTAMP), tmp_path / "raw" / "by_time.parquet")
     settings = Settings()
 
-    assert (
-        streaming.stream_features(
+    with caplog.at_level(logging.INFO, logger="sagewatch"):
+        streamed = streaming.stream_features(
             settings, raw, str(tmp_path / "features"), chunk_rows=3
         )
-        is None
-    )
+    assert streamed is None
+    warned = [r for r in caplog.records if "not streamed" in r.getMessage()]
+    assert [r.levelno for r in warned] == [logging.WARNING]
     assert not _written(tmp_path / "features")
     features, record = stage_features(
         settings, raw, str(tmp_path / "again"), chunk_rows=3
