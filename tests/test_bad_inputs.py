@@ -895,3 +895,31 @@ def test_impossible_model_settings_are_refused(
 ) -> None:
     with pytest.raises(ConfigError, match=expected):
         Settings().with_overrides(setting)
+
+
+@pytest.mark.parametrize("sep", ["::", "ab", "\\n"])
+def test_cli_refuses_a_separator_longer_than_one_byte(tmp_path: Path, sep: str) -> None:
+    path = _file(tmp_path, _rows(f"{_t(0)},m1,1,2", f"{_t(1)},m1,2,3"))
+    result = CliRunner().invoke(
+        main,
+        ["features", "--input", str(path), "--output-dir", str(tmp_path), "--sep", sep],
+    )
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(
+        "error: invalid configuration from command-line options: data.sep: "
+    )
+    assert "expected one single-byte character" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("sep", ["\\t", "tab"])
+def test_typed_tab_spellings_read_a_tab_separated_file(
+    tmp_path: Path, sep: str
+) -> None:
+    # More commas than tabs in the header: only the given separator reads it right.
+    text = "timestamp\tmachine_id\ttemp,C,max\n2024-01-01 00:00:00\tm1\t1.5\n"
+    frame = _load(_file(tmp_path, text), sep=sep).frame
+    assert frame["temp,C,max"].to_list() == [1.5]
+    assert frame["machine_id"].to_list() == ["m1"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import polars as pl
 from click.testing import CliRunner
 
-from sagewatch.cli import main
+from sagewatch.cli import _setup_logging, main
 
 SMALL = ["--n-samples", "300", "--n-machines", "2", "--epochs", "3"]
 
@@ -152,3 +153,26 @@ def test_a_failed_run_leaves_no_manifest_of_an_earlier_run(tmp_path: Path) -> No
     assert "reference period holds 0 rows" in out
     assert not (tmp_path / "run_manifest.json").exists()
     assert (tmp_path / "model" / "weights.pt").read_bytes() == weights
+
+
+def test_log_output_drops_the_user_and_password_of_urls() -> None:
+    _setup_logging(1)
+    handler = logging.getLogger().handlers[0]
+    try:
+        raise OSError('cannot reach "https://me:s3cr3t@store.example:9000/b"')
+    except OSError:
+        record = logging.LogRecord(
+            "sagewatch",
+            logging.ERROR,
+            __file__,
+            1,
+            "endpoint %s",
+            ("s3+http://ak:sk@host/x",),
+            sys.exc_info(),
+        )
+    text = handler.format(record)
+
+    assert "endpoint s3+http://host/x" in text
+    assert 'OSError: cannot reach "https://store.example:9000/b"' in text
+    for secret in ("me:", "s3cr3t", "ak:", "sk@"):
+        assert secret not in text

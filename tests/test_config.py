@@ -168,3 +168,31 @@ def test_a_reference_rule_on_the_command_line_replaces_the_files(
     assert reference.train_rows == rows
     assert (reference.train_until is None) == (until is None)
     assert reference.train_fraction == fraction
+
+
+@pytest.mark.parametrize("spelling", ["\\t", "tab", "TAB", "\t"])
+def test_tab_separator_spellings_become_a_tab(spelling: str) -> None:
+    assert Settings().with_overrides({"sep": spelling}).data.sep == "\t"
+
+
+def test_single_byte_separators_are_kept() -> None:
+    assert Settings().with_overrides({"sep": ";"}).data.sep == ";"
+    assert Settings().with_overrides({"sep": "|"}).data.sep == "|"
+    assert Settings().with_overrides({"sep": ""}).data.sep is None
+
+
+@pytest.mark.parametrize("sep", ["::", "ab", "é", "\\n\\t"])
+def test_separator_that_is_not_one_byte_is_refused(sep: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings().with_overrides({"sep": sep})
+    assert "data.sep" in str(caught.value)
+    assert "expected one single-byte character" in str(caught.value)
+    assert f"(got {sep!r})" in str(caught.value)
+
+
+def test_separator_in_config_file_is_checked(tmp_path: Path) -> None:
+    path = _yaml(tmp_path, 'data:\n  sep: "ab"\n')
+    with pytest.raises(ConfigError, match=r"data\.sep.*single-byte.*'ab'"):
+        load_settings(path, environ={})
+    tab = load_settings(_yaml(tmp_path, "data:\n  sep: tab\n"), environ={})
+    assert tab.data.sep == "\t"

@@ -251,3 +251,25 @@ def test_cli_unreachable_endpoint(tmp_path: Path, monkeypatch) -> None:
     assert "Traceback" in verbose.output
     assert "EndpointConnectionError" in verbose.output
     assert FAKE_SECRET not in result.output + verbose.output
+
+
+def test_cli_verbose_output_hides_the_endpoint_user_and_password(
+    tmp_path: Path, monkeypatch
+) -> None:
+    user, password = "sw-user-K2p9", "sw-pass-V7m4"
+    port = _closed_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{user}:{password}@127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+
+    verbose = _sagewatch(
+        "-v", "run", "--input", "s3://data/raw/", "--data-dir", str(tmp_path)
+    )
+
+    assert verbose.exit_code == 4
+    # botocore's own message, quoting the URL it could not reach, is in the trace.
+    assert f'endpoint URL: "http://127.0.0.1:{port}/data?' in verbose.output
+    assert "Traceback" in verbose.output
+    assert user not in verbose.output
+    assert password not in verbose.output

@@ -182,18 +182,38 @@ def test_pipeline_is_created_updated_and_started(
     assert _body(s3_bucket, f"sagewatch/{bundle.key}") == bundle.data
 
     changed = workflow.plan_pipeline(
-        settings.with_overrides({"epochs": 7}), input_uri=str(raw_dir), bundle=bundle
+        settings.with_overrides({"epochs": 7}),
+        input_uri=str(raw_dir),
+        bundle=bundle,
+        start=False,
     )
-    again = launch.submit_pipeline(
-        changed, client=client, start=False, on_status=lines.append
-    )
-    assert again["PipelineArn"] == result["PipelineArn"]
+    again = launch.submit_pipeline(changed, client=client, on_status=lines.append)
+    assert again == {"PipelineArn": result["PipelineArn"]}
     assert lines[-1] == "updated pipeline sagewatch"
     stored = json.loads(
         client.describe_pipeline(PipelineName="sagewatch")["PipelineDefinition"]
     )
     epochs = [p for p in stored["Parameters"] if p["Name"] == "Epochs"]
     assert epochs[0]["DefaultValue"] == 7
+
+
+def test_pipeline_execution_gets_the_parameters_given(
+    settings, raw_dir, client, bundle
+) -> None:
+    plan = workflow.plan_pipeline(
+        settings,
+        input_uri=str(raw_dir),
+        bundle=bundle,
+        parameters={"Epochs": "5", "TrainingInstanceType": "ml.m5.2xlarge"},
+    )
+    result = launch.submit_pipeline(plan, client=client, wait=False)
+    sent = client.list_pipeline_parameters_for_execution(
+        PipelineExecutionArn=result["PipelineExecutionArn"]
+    )["PipelineParameters"]
+    assert sent == [
+        {"Name": "Epochs", "Value": "5"},
+        {"Name": "TrainingInstanceType", "Value": "ml.m5.2xlarge"},
+    ]
 
 
 def test_cli_submits_features_without_waiting(

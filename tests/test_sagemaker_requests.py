@@ -311,6 +311,99 @@ def test_cli_pipeline_plan_prints_the_definition(monkeypatch) -> None:
     assert plan["placeholders"] == []
 
 
+def _pipeline_plan(monkeypatch, *args: str):
+    monkeypatch.setenv("SAGEMAKER_ROLE", ROLE)
+    monkeypatch.setenv("SAGEMAKER_BUCKET", "sagewatch-bucket")
+    monkeypatch.setenv("SAGEMAKER_IMAGE_URI", IMAGE)
+    return CliRunner().invoke(main, ["sagemaker", "pipeline", "--plan", *args])
+
+
+def test_cli_pipeline_plan_shows_the_start_request_with_parameters(
+    monkeypatch,
+) -> None:
+    result = _pipeline_plan(
+        monkeypatch,
+        "--param",
+        "Epochs=050",
+        "--param",
+        "ProcessingInstanceCount=4",
+        "--param",
+        "InputDataUri=s3://other/raw/",
+    )
+    assert result.exit_code == 0, result.output
+    requests = json.loads(result.output)["requests"]
+    assert requests[1] == {
+        "operation": "StartPipelineExecution",
+        "request": {
+            "PipelineName": "sagewatch",
+            "PipelineParameters": [
+                {"Name": "Epochs", "Value": "50"},
+                {"Name": "ProcessingInstanceCount", "Value": "4"},
+                {"Name": "InputDataUri", "Value": "s3://other/raw/"},
+            ],
+        },
+    }
+    plain = json.loads(_pipeline_plan(monkeypatch).output)["requests"]
+    assert plain[1]["request"] == {"PipelineName": "sagewatch"}
+
+
+def test_cli_pipeline_plan_without_start_lists_no_execution(monkeypatch) -> None:
+    result = _pipeline_plan(monkeypatch, "--no-start")
+    assert result.exit_code == 0, result.output
+    operations = [r["operation"] for r in json.loads(result.output)["requests"]]
+    assert operations == ["CreatePipeline (UpdatePipeline when it exists)"]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["--param", "Foo=1"],
+            "pipeline parameter 'Foo' is not declared; expected one of InputDataUri, "
+            "Epochs, ProcessingInstanceType, ProcessingInstanceCount, "
+            "TrainingInstanceType",
+        ),
+        (
+            ["--param", "Epochs=abc"],
+            "pipeline parameter 'Epochs': expected integer, got 'abc'",
+        ),
+        (
+            ["--param", "ProcessingInstanceCount=1.5"],
+            "pipeline parameter 'ProcessingInstanceCount': expected integer, got '1.5'",
+        ),
+        (["--param", "Epochs"], "--param 'Epochs': expected NAME=VALUE"),
+        (
+            ["--no-start", "--param", "Epochs=3"],
+            "--param sets an execution's parameters; --no-start starts none",
+        ),
+    ],
+    ids=["unknown", "not-integer", "fraction", "no-equals", "no-start"],
+)
+def test_cli_pipeline_refuses_bad_parameters_in_one_line(
+    monkeypatch, args: list[str], expected: str
+) -> None:
+    result = _pipeline_plan(monkeypatch, *args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: {expected}\n"
+    assert result.stdout == ""
+
+
+def test_float_parameters_are_checked_as_numbers() -> None:
+    definition = {"Parameters": [{"Name": "Rate", "Type": "Float"}]}
+    assert workflow.execution_parameters(definition, {"Rate": "1e-3"}) == [
+        {"Name": "Rate", "Value": "0.001"}
+    ]
+    with pytest.raises(ConfigError, match="'Rate': expected float, got 'fast'"):
+        workflow.execution_parameters(definition, {"Rate": "fast"})
+
+
+def test_parameters_without_an_execution_are_refused(settings, bundle) -> None:
+    with pytest.raises(ConfigError, match="no execution is started"):
+        workflow.plan_pipeline(
+            settings, bundle=bundle, start=False, parameters={"Epochs": "3"}
+        )
+
+
 def test_cli_help_imports_no_aws_code() -> None:
     code = (
         "import sys\n"

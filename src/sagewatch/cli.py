@@ -12,6 +12,7 @@ non-zero; ``-v`` adds the traceback.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any
 
@@ -31,16 +32,30 @@ from sagewatch.cli_options import (
 from sagewatch.cli_sagemaker import sagemaker_group
 from sagewatch.config import Settings
 
+# The "user:password@" of a URL such as an endpoint given as http://user:pw@host.
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/\"'<>]*@")
+
+
+class _RedactingFormatter(logging.Formatter):
+    """The usual format, with the user and password part of every URL dropped.
+
+    Applied to the whole text, so it also covers the traceback ``-v`` adds, where
+    botocore quotes the endpoint URL in full.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _USERINFO.sub(r"\1", super().format(record))
+
 
 def _setup_logging(verbosity: int) -> None:
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _RedactingFormatter(
+            "%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        )
     )
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 

@@ -113,7 +113,8 @@ input_options = options(
     click.option(
         "--sep",
         default=None,
-        help="CSV separator (default: guessed from the header).",
+        help="CSV separator, one character; \\t or tab for a tab "
+        "(default: guessed from the header).",
     ),
     click.option(
         "--label-windows",

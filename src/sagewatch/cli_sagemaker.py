@@ -280,7 +280,8 @@ def sagemaker_score(
     "params",
     multiple=True,
     metavar="NAME=VALUE",
-    help="Override a pipeline parameter for this execution (repeatable).",
+    help="Override a declared pipeline parameter for this execution "
+    "(repeatable; the name and type are checked).",
 )
 @click.option("--no-start", is_flag=True, help="Create or update only.")
 @_sagemaker_options
@@ -302,23 +303,31 @@ def sagemaker_pipeline(
     from sagewatch.sagemaker.workflow import plan_pipeline
 
     settings = settings_from(config, **overrides(kwargs))
-    pipeline = plan_pipeline(settings, input_uri=input_uri, strict=not plan)
-    if plan:
-        click.echo(pipeline.to_json(), nl=False)
-        return
     parameters = {}
     for item in params:
         name, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not name:
             raise ConfigError(f"--param {item!r}: expected NAME=VALUE")
         parameters[name] = value
+    if no_start and parameters:
+        raise ConfigError(
+            "--param sets an execution's parameters; --no-start starts none"
+        )
+    pipeline = plan_pipeline(
+        settings,
+        input_uri=input_uri,
+        strict=not plan,
+        start=not no_start,
+        parameters=parameters,
+    )
+    if plan:
+        click.echo(pipeline.to_json(), nl=False)
+        return
     from sagewatch.sagemaker.launch import sagemaker_client, submit_pipeline
 
     result = submit_pipeline(
         pipeline,
         client=sagemaker_client(settings.sagemaker.region),
-        start=not no_start,
-        parameters=parameters,
         wait=not no_wait,
         poll_seconds=settings.sagemaker.poll_seconds,
         on_status=click.echo,

@@ -69,6 +69,21 @@ class DataSettings(_Section):
     scores_prefix: str = "scores"
     evaluation_prefix: str = "evaluation"
 
+    @field_validator("sep")
+    @classmethod
+    def _one_byte_sep(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        # How a tab is typed in a shell or a YAML file without escapes.
+        if value == "\\t" or value.lower() == "tab":
+            return "\t"
+        if len(value.encode("utf-8")) != 1:
+            raise ValueError(
+                "expected one single-byte character such as , or ; "
+                "(\\t or tab for a tab)"
+            )
+        return value
+
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
@@ -366,7 +381,9 @@ def _parse_string(value: Any, section: str, key: str) -> Any:
         return value
     annotation = _SECTIONS[section].model_fields[key].annotation
     types = set(get_args(annotation) or (annotation,))
-    if value.strip().lower() in {"none", "null", ""} and type(None) in types:
+    # A lone tab or space is a CSV separator, not an empty value.
+    unset = value == "" or value.strip().lower() in {"none", "null"}
+    if unset and type(None) in types:
         return None
     if types <= {str, type(None)}:
         return value

@@ -18,7 +18,6 @@ from typing import Any
 from sagewatch import storage
 from sagewatch.errors import CloudError, ConfigError
 from sagewatch.sagemaker.plans import JobPlan, Upload
-from sagewatch.sagemaker.validation import validate_request
 from sagewatch.sagemaker.workflow import PipelinePlan
 
 log = logging.getLogger(__name__)
@@ -220,15 +219,14 @@ def submit_pipeline(
     plan: PipelinePlan,
     *,
     client: Any,
-    start: bool = True,
-    parameters: dict[str, str] | None = None,
     wait: bool = True,
     poll_seconds: float = 30,
     on_status: StatusCallback | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
-    """Upload, create or update the pipeline, start an execution and follow it.
+    """Upload, create or update the pipeline, start its execution and follow it.
 
+    The execution is ``plan.start``; a plan without one only creates or updates.
     Returns the pipeline ARN and, when started, the execution's ARN and status.
 
     Raises:
@@ -240,16 +238,10 @@ def submit_pipeline(
         upload(item)
     arn = upsert_pipeline(client, plan.request, on_status)
     result: dict[str, Any] = {"PipelineArn": arn}
-    if not start:
+    if plan.start is None:
         return result
-    start_request: dict[str, Any] = {"PipelineName": plan.name}
-    if parameters:
-        start_request["PipelineParameters"] = [
-            {"Name": k, "Value": str(v)} for k, v in parameters.items()
-        ]
-    validate_request("StartPipelineExecution", start_request)
     with aws_errors("StartPipelineExecution"):
-        execution = client.start_pipeline_execution(**start_request)
+        execution = client.start_pipeline_execution(**plan.start)
     result["PipelineExecutionArn"] = execution["PipelineExecutionArn"]
     _report(on_status, f"started execution {execution['PipelineExecutionArn']}")
     if wait:

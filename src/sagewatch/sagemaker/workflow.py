@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,12 +72,17 @@ def _processing_output(step: str, output: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class PipelinePlan:
-    """The pipeline definition, the CreatePipeline request and the uploads."""
+    """The pipeline definition, the CreatePipeline request and the uploads.
+
+    ``start`` is the StartPipelineExecution request, None when no execution is
+    started.
+    """
 
     definition: dict[str, Any]
     request: dict[str, Any]
     uploads: tuple[Upload, ...]
     placeholders: tuple[str, ...]
+    start: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -85,20 +91,21 @@ class PipelinePlan:
     def to_dict(self) -> dict[str, Any]:
         """For reading: the definition appears as an object, not as JSON text."""
         text = self.request["PipelineDefinition"]
+        requests: list[dict[str, Any]] = [
+            {
+                "operation": "CreatePipeline (UpdatePipeline when it exists)",
+                "request": {**self.request, "PipelineDefinition": self.definition},
+                "definition_sha256": hashlib.sha256(text.encode()).hexdigest(),
+            }
+        ]
+        if self.start is not None:
+            requests.append(
+                {"operation": "StartPipelineExecution", "request": self.start}
+            )
         return {
             "uploads": [u.describe() for u in self.uploads],
             "placeholders": list(self.placeholders),
-            "requests": [
-                {
-                    "operation": "CreatePipeline (UpdatePipeline when it exists)",
-                    "request": {**self.request, "PipelineDefinition": self.definition},
-                    "definition_sha256": hashlib.sha256(text.encode()).hexdigest(),
-                },
-                {
-                    "operation": "StartPipelineExecution",
-                    "request": {"PipelineName": self.name},
-                },
-            ],
+            "requests": requests,
         }
 
     def to_json(self) -> str:
@@ -216,12 +223,19 @@ def plan_pipeline(
     input_uri: str | None = None,
     strict: bool = False,
     bundle: SourceBundle | None = None,
+    start: bool = True,
+    parameters: Mapping[str, str] | None = None,
 ) -> PipelinePlan:
-    """The pipeline and its uploads; every step's request is validated offline.
+    """The pipeline, its uploads and (with ``start``) the execution to start.
+
+    ``parameters`` override the declared pipeline parameters for that execution.
+    Every request is validated offline.
 
     Raises:
-        ConfigError: a step request botocore or SageMaker would refuse, or (with
-            ``strict``) a missing role, bucket or image.
+        ConfigError: a step request botocore or SageMaker would refuse, a parameter
+            the pipeline does not declare or whose value is not of its type,
+            parameters without ``start``, or (with ``strict``) a missing role,
+            bucket or image.
     """
     target = resolve_target(settings, strict=strict)
     code = code_upload(settings, target, bundle or build_source_bundle())
@@ -244,7 +258,57 @@ def plan_pipeline(
         "RoleArn": target.role,
     }
     validate_request("CreatePipeline", request)
-    return PipelinePlan(definition, request, tuple(uploads), target.placeholders)
+    if not start:
+        if parameters:
+            raise ConfigError(
+                f"pipeline parameters {sorted(parameters)} given but no execution "
+                "is started; they apply to an execution only"
+            )
+        return PipelinePlan(definition, request, tuple(uploads), target.placeholders)
+    execution: dict[str, Any] = {"PipelineName": sm.pipeline_name}
+    if parameters:
+        execution["PipelineParameters"] = execution_parameters(definition, parameters)
+    validate_request("StartPipelineExecution", execution)
+    return PipelinePlan(
+        definition, request, tuple(uploads), target.placeholders, execution
+    )
+
+
+_PARSERS = {"Integer": int, "Float": float}
+
+
+def execution_parameters(
+    definition: dict[str, Any], given: Mapping[str, str]
+) -> list[dict[str, str]]:
+    """``PipelineParameters`` for an execution, checked against the definition.
+
+    Integer and Float values are sent in their canonical form (``"050"`` as
+    ``"50"``), String values as given.
+
+    Raises:
+        ConfigError: a name the definition does not declare, or a value that does
+            not parse as the declared type.
+    """
+    declared = {p["Name"]: p["Type"] for p in definition["Parameters"]}
+    out = []
+    for name, value in given.items():
+        if name not in declared:
+            raise ConfigError(
+                f"pipeline parameter {name!r} is not declared; expected one of "
+                f"{', '.join(declared)}"
+            )
+        kind = declared[name]
+        parse = _PARSERS.get(kind)
+        if parse is not None:
+            try:
+                value = str(parse(value))
+            except ValueError:
+                raise ConfigError(
+                    f"pipeline parameter {name!r}: expected {kind.lower()}, "
+                    f"got {value!r}"
+                ) from None
+        out.append({"Name": name, "Value": value})
+    return out
 
 
 # ----------------------------------------------------------------------------- checks
