@@ -245,7 +245,7 @@ class FileReference(Reference):
         for path in self.files:
             runs: list[list[int]] = []
             scan = storage.scan_table(path).select(select)
-            for batch in _batches(scan, path, self._batch_rows):
+            for batch in storage.collect_batches(scan, path, self._batch_rows):
                 time = _checked_time(batch, path)
                 ids = batch[ENTITY].rle_id().to_numpy()
                 starts = np.r_[0, np.flatnonzero(np.diff(ids)) + 1]
@@ -298,7 +298,9 @@ class FileReference(Reference):
                 head = offset - rows + kept if kept else head
             if head:
                 scan = storage.scan_table(path).select(columns).head(head)
-                yield from _cut(_batches(scan, path, self._batch_rows), plan, time)
+                yield from _cut(
+                    storage.collect_batches(scan, path, self._batch_rows), plan, time
+                )
 
 
 def _cut(
@@ -478,15 +480,6 @@ def _checked_time(batch: pl.DataFrame, path: str) -> np.ndarray:
     if np.any((ids[1:] == ids[:-1]) & (time[1:] < time[:-1])):
         raise NotGroupedError(f"{path}: rows not in time order")
     return time
-
-
-def _batches(scan: pl.LazyFrame, path: str, rows: int) -> Iterator[pl.DataFrame]:
-    try:
-        for batch in scan.collect_batches(chunk_size=rows):
-            if batch.height:
-                yield batch
-    except pl.exceptions.PolarsError as exc:
-        raise InputError(f"{path}: cannot read as a features table: {exc}") from exc
 
 
 def gather(reference: Reference, rows: np.ndarray, scaler: Scaler) -> np.ndarray:

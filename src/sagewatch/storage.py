@@ -432,6 +432,20 @@ def _read_one(uri: str, sep: str | None) -> pl.DataFrame:
     return frame
 
 
+def collect_batches(scan: pl.LazyFrame, uri: str, rows: int) -> Iterator[pl.DataFrame]:
+    """The non-empty batches of about ``rows`` rows a lazy scan of ``uri`` yields.
+
+    Raises:
+        InputError: polars cannot read the table.
+    """
+    try:
+        for batch in scan.collect_batches(chunk_size=rows):
+            if batch.height:
+                yield batch
+    except pl.exceptions.PolarsError as exc:
+        raise InputError(f"{uri}: cannot read as a table: {exc}") from exc
+
+
 def scan_table(uri: str, *, sep: str | None = None) -> pl.LazyFrame:
     """A lazy scan of a Parquet or CSV file, folder or glob, local or on S3.
 

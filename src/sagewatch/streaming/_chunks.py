@@ -230,7 +230,7 @@ def raw_batches(
         first = 2 if path.endswith(_CSV) else 1
         scan = storage.scan_table(path, sep=sep)
         rows = 0
-        for batch in _batches(scan, path, chunk_rows):
+        for batch in storage.collect_batches(scan, path, chunk_rows):
             yield batch.with_columns(
                 pl.lit(path).alias(SOURCE),
                 pl.int_range(
@@ -242,15 +242,6 @@ def raw_batches(
                 rows_read[path] += batch.height
         if rows == 0:
             raise InputError(f"{path}: the file has a header but no data rows")
-
-
-def _batches(scan: pl.LazyFrame, path: str, chunk_rows: int) -> Iterator[pl.DataFrame]:
-    try:
-        for batch in scan.collect_batches(chunk_size=chunk_rows):
-            if batch.height:
-                yield batch
-    except pl.exceptions.PolarsError as exc:
-        raise InputError(f"{path}: cannot read as a table: {exc}") from exc
 
 
 def feature_chunks(
@@ -269,7 +260,9 @@ def feature_chunks(
     ready: list[pl.DataFrame] = []
     total, continues = 0, False
     for path in files:
-        for batch in _batches(storage.scan_table(path), path, chunk_rows):
+        for batch in storage.collect_batches(
+            storage.scan_table(path), path, chunk_rows
+        ):
             names = _run_names(batch, pl.col(ENTITY))
             joins = names[0] == seen.current
             _check_ascending(names, None if joins else seen.current)
