@@ -18,7 +18,7 @@ from sagewatch.features import build_features, feature_names
 from sagewatch.pipeline import stage_train
 from sagewatch.reference import ArrayReference, FileReference, TableReference
 from sagewatch.schema import ENTITY, TIMESTAMP
-from sagewatch.training import _held_out, reference_mask
+from sagewatch.training import reference_mask
 
 # Longer and shorter than a block (8 rows here) and a batch (5 rows), one row alone.
 LENGTHS = {"m-a": 90, "m-b": 7, "m-c": 1, "m-d": 64}
@@ -84,11 +84,9 @@ def test_layout_is_the_reference_mask_and_its_held_out_tail(
     settings = _settings(**rule, validation_fraction=0.25)
     frame = _features(settings)
     ref = frame.filter(reference_mask(frame, settings.reference))
-    held = _held_out(ref, 0.25)
-    per_entity = ref.with_columns(pl.Series("held", held)).group_by(
-        ENTITY, maintain_order=True
-    )
-    expected = per_entity.agg(pl.len(), pl.col("held").sum()).rows()
+    per_entity = ref.group_by(ENTITY, maintain_order=True).agg(pl.len())
+    held = (pl.col("len") * 0.25).floor().cast(pl.Int64)  # the tail, rounded down
+    expected = per_entity.with_columns(held.alias("held")).rows()
 
     table = TableReference(frame, _columns(settings), settings)
     files = _file_reference(_files(frame, tmp_path / "f"), settings)

@@ -16,9 +16,8 @@ from sagewatch.detector import Detector
 from sagewatch.errors import InputError
 from sagewatch.models import window_index
 from sagewatch.networks import ConvAutoencoder
-from sagewatch.reference import ArrayReference
+from sagewatch.reference import ArrayReference, Layout
 from sagewatch.training import (
-    _held_out,
     fit_autoencoder,
     fit_detector,
     reference_mask,
@@ -68,13 +67,14 @@ def test_reference_mask_fraction_rounds_up() -> None:
 
 
 def test_held_out_is_the_tail_of_each_entity() -> None:
-    held = _held_out(_frame({"a": 10, "b": 5}), 0.2)
+    layout = Layout.split(["a", "b"], [10, 5], 0.2)
 
-    assert held.tolist() == [False] * 8 + [True] * 2 + [False] * 4 + [True]
+    assert layout.held.tolist() == [2, 1]  # the last 2 of a's rows, the last of b's
+    assert layout.train.tolist() == [8, 4]
 
 
 def test_held_out_none_when_fraction_zero() -> None:
-    assert not _held_out(_frame({"a": 10}), 0.0).any()
+    assert not Layout.split(["a"], [10], 0.0).held.any()
 
 
 def test_training_sequences_stride_and_held_out_rows() -> None:

@@ -377,12 +377,3 @@ def fit_reference(
         "sample": detector.training_["sample"],
     }
     return detector, info
-
-
-def _held_out(ref: pl.DataFrame, fraction: float) -> np.ndarray:
-    """The last ``fraction`` of each entity's reference rows (rounded down)."""
-    if fraction <= 0:
-        return np.zeros(ref.height, dtype=bool)
-    position = pl.int_range(pl.len()).over(ENTITY)
-    tail = position >= (pl.len() - (pl.len() * fraction).floor()).over(ENTITY)
-    return ref.select(tail.alias("held")).to_series().to_numpy()
