@@ -227,7 +227,8 @@ class Detector:
         for block in reference.blocks():
             train = block.x[: max(int(layout.train[block.run]) - block.start, 0)]
             if len(train):
-                self.scaler_.partial_fit(train, layout.names[block.run], groups)
+                self.scaler_.add(train, layout.names[block.run])
+        self.scaler_.update(groups)
         sample = plan_sample(layout, self.settings, **self._sample_shape())
         z = gather(reference, sample.rows, self.scaler_)  # (rows kept, features)
         with compute_threads(self.settings.threads):

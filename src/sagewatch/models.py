@@ -36,9 +36,10 @@ class Scaler:
     entity at a time. Entities without reference rows are centred on the pooled
     reference mean.
 
-    The statistics are sums in float64 that :meth:`partial_fit` adds to, one
-    block of an entity's rows at a time, so a reference period of any length is
-    learnt without holding its rows; :meth:`fit` cuts each entity's rows into
+    The statistics are sums in float64 that :meth:`add` adds to, one block of an
+    entity's rows at a time, and :meth:`update` turns into centres and scale once,
+    so a reference period of any length and any number of entities is learnt
+    without holding its rows; :meth:`fit` cuts each entity's rows into
     blocks of :data:`BLOCK_ROWS`, as the training pipeline does, so both give the
     same bits.
 
@@ -80,8 +81,8 @@ class Scaler:
         for name, rows in _entity_rows(entity):
             part = x[rows]
             for start in range(0, len(part), BLOCK_ROWS):
-                self.partial_fit(part[start : start + BLOCK_ROWS], str(name), groups)
-        return self
+                self.add(part[start : start + BLOCK_ROWS], str(name))
+        return self.update(groups)
 
     def partial_fit(
         self, x: np.ndarray, entity: str, groups: Sequence[int] | None = None
@@ -90,17 +91,22 @@ class Scaler:
 
         Centres and scale are those of every row added so far. Rows added in
         other blocks round differently in the last bits: cut the same rows the
-        same way for the same result.
+        same way for the same result. Recomputing them costs time in the number
+        of entities; over many blocks, :meth:`add` them and :meth:`update` once.
         """
+        return self.add(x, entity).update(groups)
+
+    def add(self, x: np.ndarray, entity: str) -> Scaler:
+        """Add reference rows of one entity to the sums, leaving centres and
+        scale as they were until :meth:`update`."""
         x = np.asarray(x, dtype=np.float64)
         if not hasattr(self, "_moments"):
             self._moments = {}
-        moments = self._moments.setdefault(entity, _Moments(x.shape[1]))
-        moments.add(x)
-        self._update(groups)
+        self._moments.setdefault(entity, _Moments(x.shape[1])).add(x)
         return self
 
-    def _update(self, groups: Sequence[int] | None) -> None:
+    def update(self, groups: Sequence[int] | None = None) -> Scaler:
+        """Centres and scale from every row added so far."""
         parts = list(self._moments.values())
         rows = sum(m.rows for m in parts)
         self.center_ = np.sum([m.total for m in parts], axis=0) / rows
@@ -123,6 +129,7 @@ class Scaler:
                 degenerate, np.maximum(floor, self.rel_floor * level[ids]), floor
             )
         self.scale_ = np.maximum(spread, floor)
+        return self
 
     def centers(self, entity: np.ndarray) -> np.ndarray:
         """The centre each row is measured from. (rows, features)"""
