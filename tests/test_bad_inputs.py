@@ -105,6 +105,19 @@ def test_line_with_extra_fields_is_refused(tmp_path: Path) -> None:
     )
 
 
+def test_stray_quote_is_reported_where_it_opens(tmp_path: Path) -> None:
+    path = _file(
+        tmp_path,
+        _rows(
+            f"{_t(0)},m1,1,2", f'{_t(1)},m1,"3,4', f"{_t(2)},m1,5,6", f"{_t(3)},m1,7,8"
+        ),
+    )
+    assert _refusal(path) == (
+        f"{path}, line 3: a quoted field opens here and runs to line 5; expected each "
+        "row on one line (a stray quote character?)"
+    )
+
+
 def test_line_cut_short_is_refused_not_padded(tmp_path: Path) -> None:
     path = _file(tmp_path, _rows(f"{_t(0)},m1,1,2", f"{_t(1)},m1,1"))
     assert _refusal(path) == (

@@ -90,13 +90,24 @@ def _check_field_counts(uri: str, data: bytes, separator: str) -> None:
     text = io.StringIO(data.decode("utf-8", errors="replace"), newline="")
     reader = csv.reader(text, delimiter=separator)
     header = next(reader, [])
-    for row in reader:
-        if row and len(row) != len(header):
+    while True:
+        start = reader.line_num + 1
+        row = next(reader, None)
+        if row is None:
+            return
+        if not row or len(row) == len(header):
+            continue
+        if reader.line_num > start and any("\n" in field for field in row):
             raise InputError(
-                f"{uri}, line {reader.line_num}: {len(row)} fields, the header has "
-                f"{len(header)}; expected one field per column (a line cut short, or "
-                "the wrong separator?)"
+                f"{uri}, line {start}: a quoted field opens here and runs to line "
+                f"{reader.line_num}; expected each row on one line (a stray quote "
+                "character?)"
             )
+        raise InputError(
+            f"{uri}, line {reader.line_num}: {len(row)} fields, the header has "
+            f"{len(header)}; expected one field per column (a line cut short, or "
+            "the wrong separator?)"
+        )
 
 
 def sniff_separator(data: bytes) -> str:
