@@ -387,6 +387,7 @@ def test_concatenated_entities_with_a_duplicated_timestamp(tmp_path: Path) -> No
     assert frame["machine_id"].to_list() == ["m1"] * 3 + ["m2"] * 2
     assert frame["temp"].to_list() == [1.0, 5.0, 3.0, 100.0, 101.0]  # last one kept
     assert data.quality["dropped"] == {"duplicate_timestamps": 1}
+    assert data.quality["duplicate_timestamps"] == 1
     assert data.quality["out_of_order_rows"] == 0
     assert data.quality["entity_rows"] == {"m1": 3, "m2": 2}
     features = build_features(frame, data.sensors, _settings().features)

@@ -289,7 +289,7 @@ def test_duplicate_timestamp_split_across_runs_of_an_entity_is_found() -> None:
     raw = _table(["a", "b", "a"], [0, 0, 0], [1.0, 2.0, 3.0])
     quality = QualitySettings(max_drop_fraction=0.5)
     data = validate(raw, "memory", DataSettings(), quality)
-    assert data.quality["duplicate_timestamps"] == 2
+    assert data.quality["duplicate_timestamps"] == 1  # rows beyond the first
     assert data.quality["dropped"] == {"duplicate_timestamps": 1}
     assert data.frame["temp"].to_list() == [3.0, 2.0]  # the last 'a' row is kept
 

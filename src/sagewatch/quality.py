@@ -256,7 +256,9 @@ def _resolve_duplicate_timestamps(
 ) -> pl.DataFrame:
     key = pl.struct(ENTITY, TIMESTAMP)
     duplicated = frame.select(key.is_duplicated()).to_series()
-    report["duplicate_timestamps"] = int(duplicated.sum())
+    # Counted like exact duplicates: the rows beyond the first of each key.
+    repeats = frame.select(key.is_first_distinct().not_()).to_series()
+    report["duplicate_timestamps"] = int(repeats.sum())
     if not duplicated.any():
         return frame
     first = int(duplicated.arg_max() or 0)
