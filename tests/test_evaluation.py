@@ -8,13 +8,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from sagewatch.evaluation import (
-    comparison_rows,
-    evaluate,
-    event_metrics,
-    labelled_metrics,
-    render_html,
-)
+from sagewatch.evaluation import evaluate, event_metrics, labelled_metrics
+from sagewatch.report import comparison_rows, render_html
 
 # Six rows: tp at 0 and 5, fn at 1, fp at 2, tn at 3 and 4.
 LABEL = np.array([1, 1, 0, 0, 0, 1])

@@ -23,9 +23,9 @@ import polars as pl
 from sagewatch import __version__, storage, streaming
 from sagewatch.config import Settings
 from sagewatch.errors import InputError, StorageError
-from sagewatch.evaluation import write_report
 from sagewatch.features import build_features, feature_names, sensors_of
 from sagewatch.reference import FileReference, TableReference, canonical
+from sagewatch.report import write_report
 from sagewatch.schema import ENTITY, LABEL, TIMESTAMP, Dataset, load_raw
 from sagewatch.synthetic import generate
 
