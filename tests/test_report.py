@@ -8,7 +8,7 @@ from pathlib import Path
 
 import polars as pl
 
-from sagewatch.evaluation import REPORT_HTML, REPORT_JSON, write_report
+from sagewatch.report import REPORT_HTML, REPORT_JSON, write_report
 
 
 def _scores(label: bool = True) -> pl.DataFrame:
