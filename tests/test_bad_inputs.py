@@ -106,15 +106,64 @@ def test_line_with_extra_fields_is_refused(tmp_path: Path) -> None:
 
 
 def test_stray_quote_is_reported_where_it_opens(tmp_path: Path) -> None:
+    lines = [
+        f"{_t(0)},m1,1,2",
+        f'{_t(1)},m1,"3,4',
+        f"{_t(2)},m1,5,6",
+        f"{_t(3)},m1,7,8",
+    ]
+    path = _file(tmp_path, _rows(*lines))
+    assert _refusal(path) == (
+        f"{path}, line 3: a quoted field opens here and never closes; expected each "
+        "row on one line (a stray quote character?)"
+    )
+    # In the last field, on the last line, without a final line break: the same.
+    last = _file(tmp_path, _rows(*lines[:1]) + f'{_t(1)},m1,3,"4', "last.csv")
+    assert _refusal(last).startswith(f"{last}, line 3: a quoted field opens here")
+
+
+def test_two_stray_quotes_do_not_merge_rows(tmp_path: Path) -> None:
     path = _file(
         tmp_path,
         _rows(
-            f"{_t(0)},m1,1,2", f'{_t(1)},m1,"3,4', f"{_t(2)},m1,5,6", f"{_t(3)},m1,7,8"
+            f"{_t(0)},m1,1,2", f'{_t(1)},"m1,3,4', f'{_t(2)},m1",5,6', f"{_t(3)},m1,7,8"
         ),
     )
     assert _refusal(path) == (
-        f"{path}, line 3: a quoted field opens here and runs to line 5; expected each "
+        f"{path}, line 3: a quoted field opens here and runs to line 4; expected each "
         "row on one line (a stray quote character?)"
+    )
+
+
+def test_quote_inside_a_field_is_named(tmp_path: Path) -> None:
+    path = _file(tmp_path, _rows(f"{_t(0)},m1,1,2", f'{_t(1)},m"1,3,4'))
+    assert _refusal(path) == (
+        f"{path}, line 3: the field 'm\"1' holds a quote character; expected plain "
+        "values, or values wholly in quotes with inner quotes doubled"
+    )
+
+
+def test_quoted_fields_on_one_line_are_read(tmp_path: Path) -> None:
+    path = _file(tmp_path, _rows(f'"{_t(0)}","m,1",1,2', f'{_t(1)},"m,1","3",4'))
+    data = _load(path)
+    assert data.frame["machine_id"].to_list() == ["m,1", "m,1"]
+    assert data.frame["temp"].to_list() == [1.0, 3.0]
+
+
+def test_entity_over_several_lines_is_refused(tmp_path: Path) -> None:
+    frame = pl.DataFrame(
+        {
+            "timestamp": [_t(0), _t(1)],
+            "machine_id": ["m1", "m1\n2024-01-01"],
+            "temp": [1.0, 2.0],
+            "pres": [0.1, 0.2],
+        }
+    )
+    path = tmp_path / "in.parquet"
+    frame.write_parquet(path)
+    assert _refusal(path) == (
+        f"{path}, row 2, column 'machine_id': the entity 'm1\\n2024-01-01' runs "
+        "over several lines; expected a name on one line (a stray quote character?)"
     )
 
 

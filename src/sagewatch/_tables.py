@@ -55,6 +55,7 @@ def _parse_csv(uri: str, data: bytes, sep: str | None) -> pl.DataFrame:
             f"{uri}: the file is empty; expected a header row and data rows"
         )
     separator = sep or sniff_separator(data)
+    _check_quotes(uri, data, separator)
     options: dict[str, Any] = {"separator": separator, "try_parse_dates": False}
     try:
         frame = pl.read_csv(io.BytesIO(data), infer_schema_length=10_000, **options)
@@ -77,6 +78,7 @@ def _parse_csv(uri: str, data: bytes, sep: str | None) -> pl.DataFrame:
 
 def _csv_error(uri: str, data: bytes, separator: str, exc: Exception) -> InputError:
     _check_field_counts(uri, data, separator)
+    _check_inner_quotes(uri, data, separator)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
     return InputError(
         f"{uri}: cannot parse as CSV with separator {separator!r}: {first}"
@@ -90,24 +92,65 @@ def _check_field_counts(uri: str, data: bytes, separator: str) -> None:
     text = io.StringIO(data.decode("utf-8", errors="replace"), newline="")
     reader = csv.reader(text, delimiter=separator)
     header = next(reader, [])
+    for row in reader:
+        if row and len(row) != len(header):
+            raise InputError(
+                f"{uri}, line {reader.line_num}: {len(row)} fields, the header has "
+                f"{len(header)}; expected one field per column (a line cut short, or "
+                "the wrong separator?)"
+            )
+
+
+def _check_inner_quotes(uri: str, data: bytes, separator: str) -> None:
+    """Refuse the first field with a quote character inside it (``m"1``), which
+    polars cannot parse; called once polars has failed."""
+    import csv
+
+    if b'"' not in data:
+        return
+    text = io.StringIO(data.decode("utf-8", errors="replace"), newline="")
+    reader = csv.reader(text, delimiter=separator)
+    next(reader, None)  # the header
+    for row in reader:
+        inner = [field for field in row if '"' in field]
+        if inner:
+            raise InputError(
+                f"{uri}, line {reader.line_num}: the field {inner[0][:60]!r} holds a "
+                "quote character; expected plain values, or values wholly in quotes "
+                "with inner quotes doubled"
+            )
+
+
+def _check_quotes(uri: str, data: bytes, separator: str) -> None:
+    """Refuse a quoted field that runs over several lines or never closes.
+
+    Sensor rows never need one, and a stray quote character makes one: the lines up
+    to the next quote, or the rest of the file, would become one field.
+    """
+    import csv
+
+    if b'"' not in data:
+        return
+    text = io.StringIO(data.decode("utf-8", errors="replace"), newline="")
+    reader = csv.reader(text, delimiter=separator, strict=True)
+    next(reader, None)  # the header
     while True:
         start = reader.line_num + 1
-        row = next(reader, None)
+        try:
+            row = next(reader, None)
+        except csv.Error:
+            raise InputError(
+                f"{uri}, line {start}: a quoted field opens here and never closes; "
+                "expected each row on one line (a stray quote character?)"
+            ) from None
         if row is None:
             return
-        if not row or len(row) == len(header):
-            continue
-        if reader.line_num > start and any("\n" in field for field in row):
+        if reader.line_num > start:
             raise InputError(
                 f"{uri}, line {start}: a quoted field opens here and runs to line "
                 f"{reader.line_num}; expected each row on one line (a stray quote "
                 "character?)"
             )
-        raise InputError(
-            f"{uri}, line {reader.line_num}: {len(row)} fields, the header has "
-            f"{len(header)}; expected one field per column (a line cut short, or "
-            "the wrong separator?)"
-        )
 
 
 def sniff_separator(data: bytes) -> str:

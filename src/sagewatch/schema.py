@@ -331,8 +331,9 @@ def _separator_hint(raw: pl.DataFrame) -> str:
 def _attach_entity(frame: pl.DataFrame, column: str | None) -> pl.DataFrame:
     if column and column in frame.columns:
         if frame[column].dtype == pl.String and _runs_stripped(frame[column]):
-            return frame.with_columns(frame[column].alias(ENTITY))
-        text = frame[column].cast(pl.String).str.strip_chars()
+            text = frame[column]
+        else:
+            text = frame[column].cast(pl.String).str.strip_chars()
         empty = text.is_null() | (text == "")
         if empty.any():
             row = _first(empty)
@@ -340,6 +341,7 @@ def _attach_entity(frame: pl.DataFrame, column: str | None) -> pl.DataFrame:
                 f"{where(frame.drop(ENTITY, strict=False), row, column)}: empty "
                 "entity; expected a name or number for every row"
             )
+        _refuse_line_breaks(frame, text, column)
         return frame.with_columns(text.alias(ENTITY))
     if column and column != ENTITY:
         raise InputError(
@@ -355,12 +357,33 @@ def _attach_entity(frame: pl.DataFrame, column: str | None) -> pl.DataFrame:
     return frame.with_columns(name.alias(ENTITY))
 
 
+def _refuse_line_breaks(frame: pl.DataFrame, names: pl.Series, column: str) -> None:
+    """Refuse a name holding a line break: a CSV quote left open merges the lines
+    up to the next quote into one field. Checked on the first row of each run."""
+    heads = _run_heads(names)
+    broken = heads.str.contains(r"[\r\n]")
+    if not broken.any():
+        return
+    name = heads.filter(broken)[0]
+    row = _first(names == name)
+    raise InputError(
+        f"{where(frame.drop(ENTITY, strict=False), row, column)}: the entity "
+        f"{name[:60]!r} runs over several lines; expected a name on one line (a "
+        "stray quote character?)"
+    )
+
+
+def _run_heads(names: pl.Series) -> pl.Series:
+    """The first row of each run of equal names."""
+    first = pl.int_range(pl.len()) == 0
+    head = pl.col("n").ne_missing(pl.col("n").shift(1)) | first
+    return names.to_frame("n").filter(head).to_series()
+
+
 def _runs_stripped(names: pl.Series) -> bool:
     """Whether every name is present, not empty and stripped already, judged on
     the first row of each run of equal names (the others equal it)."""
-    first = pl.int_range(pl.len()) == 0
-    head = pl.col("n").ne_missing(pl.col("n").shift(1)) | first
-    heads = names.to_frame("n").filter(head).to_series()
+    heads = _run_heads(names)
     stripped = heads.str.strip_chars()
     return (
         not heads.null_count() and (stripped == heads).all() and (stripped != "").all()
