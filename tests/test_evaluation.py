@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 
+from sagewatch.errors import InputError
 from sagewatch.evaluation import evaluate, event_metrics, labelled_metrics
+from sagewatch.pipeline import read_scores
 from sagewatch.report import comparison_rows, render_html
 
 # Six rows: tp at 0 and 5, fn at 1, fp at 2, tn at 3 and 4.
@@ -172,3 +175,34 @@ def test_comparison_rows_empty_without_labels() -> None:
     report["context"] = {"comparison": [{"detector": "pca", "f1": 0.5}]}
 
     assert comparison_rows(report) == []
+
+
+def test_scores_file_without_rows_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "anomaly_scores.csv"
+    _scores([0, 1]).head(0).write_csv(path)
+    with pytest.raises(InputError, match="the table has no rows; expected"):
+        read_scores(str(path))
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "expected"),
+    [
+        ("label", None, "0 or 1"),
+        ("label", 2, "0 or 1"),
+        ("is_anomaly", -1, "0 or 1"),
+        ("anomaly_score", None, "a number"),
+    ],
+)
+def test_scores_file_with_a_bad_value_names_the_row(
+    tmp_path: Path, column: str, value: object, expected: str
+) -> None:
+    path = tmp_path / "anomaly_scores.csv"
+    kind = pl.Float64 if expected == "a number" else pl.Int64
+    frame = _scores([0, 0, 1, 1]).with_columns(pl.col(column).cast(kind))
+    frame[2, column] = value
+    frame.write_csv(path)
+    with pytest.raises(InputError) as info:
+        read_scores(str(path))
+    assert str(info.value) == (
+        f"{path}, row 3, column {column!r}: value {value!r}; expected {expected}"
+    )

@@ -452,9 +452,35 @@ def read_scores(uri: str) -> pl.DataFrame:
             )
         except pl.exceptions.PolarsError as exc:
             raise InputError(f"{uri}: unreadable timestamps; expected {what}") from exc
+    if scores.height == 0:
+        raise InputError(f"{uri}: the table has no rows; expected {what}")
+    _check_score_values(scores, uri)
     return scores.with_columns(
         pl.col("machine_id").cast(pl.String), pl.col("top_sensor").cast(pl.String)
     )
+
+
+def _check_score_values(scores: pl.DataFrame, uri: str) -> None:
+    """Refuse a score that is not a number and a flag or label that is not 0 or 1,
+    naming the first bad row (counted from 1)."""
+    checks = {"anomaly_score": "a number", "threshold": "a number"}
+    checks |= {c: "0 or 1" for c in ("is_anomaly", "in_reference", LABEL)}
+    for column, expected in checks.items():
+        if column not in scores.columns:
+            continue
+        values = scores[column].cast(pl.Float64, strict=False)
+        if expected == "a number":
+            bad = values.is_null() & scores[column].is_not_null()
+            if column == "anomaly_score":
+                bad = bad | values.is_null() | values.is_nan()
+        else:
+            bad = values.is_null() | ~values.is_in([0.0, 1.0]).fill_null(False)
+        if bad.any():
+            row = int(bad.arg_max() or 0)
+            raise InputError(
+                f"{uri}, row {row + 1}, column {column!r}: value "
+                f"{scores[column][row]!r}; expected {expected}"
+            )
 
 
 def _one_copy(uri: str) -> str:
