@@ -252,7 +252,8 @@ def score_cmd(
     )
     _stage_manifest(settings, record, output_dir)
     click.echo(
-        f"scored {record.rows_out} rows, {record.details['flagged']} flagged; "
+        f"scored {record.rows_out} rows, {record.details['flagged']} flagged "
+        "(reference period included); "
         f"wrote {record.outputs[0]['uri']}"
     )
 
@@ -297,7 +298,8 @@ def evaluate_cmd(
     report, record = stage_evaluate(settings, input_uri, output_dir)
     _stage_manifest(settings, record, output_dir)
     click.echo(
-        f"{report['anomalies']} of {report['evaluated_rows']} rows flagged; "
+        f"{report['anomalies']} of {report['evaluated_rows']} evaluated rows flagged "
+        "(reference period left out); "
         f"report at {record.outputs[-1]['uri']}"
     )
     if report.get("metrics"):

@@ -57,6 +57,7 @@ def compare_detectors(
         other = settings.model_copy(
             update={"model": settings.model.model_copy(update={"detector": kind})}
         )
+        log.info("comparison: fitting %s with the same settings", kind)
         started = time.perf_counter()
         detector, _ = fit_detector(features, feature_columns, other)
         scores = score_features(features, detector)

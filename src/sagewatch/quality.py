@@ -205,7 +205,7 @@ def _sort(
             "(or set sort_rows: true)"
         )
     if count:
-        log.warning("%s: sorted %d rows that were out of time order", source, count)
+        log.warning("%s: rows out of time order, sorted: %d", source, count)
         report["repaired"]["sorted_rows"] = count
     if not count and names == sorted(set(names)):
         return frame  # already in canonical order: sorting would change nothing
@@ -289,6 +289,8 @@ def _fill_missing(
     report: dict[str, Any],
 ) -> pl.DataFrame:
     before = {s: frame[s].null_count() for s in sensors}
+    for sensor in sensors:
+        report["sensors"][sensor]["filled"] = 0
     if not any(before.values()):
         return frame
     if quality.max_fill_gap > 0:
