@@ -69,7 +69,7 @@ def _stage_manifest(settings: Settings, record: Any, output_dir: str) -> None:
     from datetime import UTC, datetime, timedelta
 
     from sagewatch import storage
-    from sagewatch.pipeline import write_manifest
+    from sagewatch.manifest import write_manifest
 
     started = datetime.now(UTC) - timedelta(seconds=record.seconds)
     uri = storage.join(output_dir, f"{record.name}_manifest.json")

@@ -1,29 +1,37 @@
-"""Local orchestration of the stages, and the manifest each run leaves behind.
+"""Local orchestration of the stages.
 
 Each ``stage_*`` function reads its inputs from URIs, calls the pure stage code and
-writes its outputs to URIs, returning a :class:`StageRecord`. :func:`run` chains them
-and keeps tables in memory between stages, so nothing is read twice. The SageMaker
-entry points call the same stage functions.
+writes its outputs to URIs, returning a :class:`~sagewatch.manifest.StageRecord`.
+:func:`run` chains them and keeps tables in memory between stages, so nothing is
+read twice. The SageMaker entry points call the same stage functions.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import platform
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from sagewatch import __version__, storage, streaming
+from sagewatch import storage, streaming
 from sagewatch.config import Settings
-from sagewatch.errors import InputError, StorageError
+from sagewatch.errors import InputError
 from sagewatch.features import build_features, feature_names, sensors_of
+from sagewatch.manifest import (
+    MANIFEST,
+    StageRecord,
+    Timer,
+    as_dicts,
+    describe_inputs,
+    handed_over,
+    remove_previous,
+    store_info,
+    without_history,
+    write_manifest,
+)
 from sagewatch.reference import FileReference, TableReference, canonical
 from sagewatch.report import write_report
 from sagewatch.schema import ENTITY, LABEL, TIMESTAMP, Dataset, load_raw
@@ -43,21 +51,6 @@ RAW_STEM = "sensor_data"
 FEATURES_STEM = "features"
 SCORES_CSV = "anomaly_scores.csv"
 SCORES_PARQUET = "anomaly_scores.parquet"
-MANIFEST = "run_manifest.json"
-
-
-@dataclass
-class StageRecord:
-    """What one stage read, wrote, dropped and how long it took."""
-
-    name: str
-    inputs: list[dict[str, Any]] = field(default_factory=list)
-    outputs: list[dict[str, Any]] = field(default_factory=list)
-    rows_in: int | None = None
-    rows_out: int | None = None
-    dropped: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-    details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -68,15 +61,6 @@ class RunResult:
     stages: list[StageRecord]
     report: dict[str, Any]
     manifest_uri: str
-
-
-class _Timer:
-    def __enter__(self) -> _Timer:
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = round(time.perf_counter() - self.start, 3)
 
 
 def layout(settings: Settings, data_dir: str) -> dict[str, str]:
@@ -96,7 +80,7 @@ def layout(settings: Settings, data_dir: str) -> dict[str, str]:
 
 def stage_generate(settings: Settings, output_dir: str) -> tuple[str, StageRecord]:
     """Write the synthetic data set as one CSV per machine under ``output_dir``."""
-    with _Timer() as timer:
+    with Timer() as timer:
         frame = generate(
             settings.generate,
             seed=settings.model.seed,
@@ -131,7 +115,7 @@ def stage_features(
     result, and the features then come back as the URI of ``output_dir``;
     otherwise (and for a ``dataset`` already in memory) they come back as a table.
     """
-    with _Timer() as timer, storage.track_reads() as reads:
+    with Timer() as timer, storage.track_reads() as reads:
         streamed = None
         if dataset is None:
             streamed = streaming.stream_features(
@@ -158,9 +142,7 @@ def stage_features(
             )
             infos = streaming.write_features(out, output_dir)
             quality, sensors, rows_out = data.quality, data.sensors, out.height
-            inputs = (
-                _as_dicts(reads) if dataset is None else _describe_inputs(input_uri)
-            )
+            inputs = as_dicts(reads) if dataset is None else describe_inputs(input_uri)
         storage.remove_stale(
             output_dir, stem=FEATURES_STEM, keep=[i.uri for i in infos]
         )
@@ -197,7 +179,7 @@ def stage_train(
     from sagewatch.training import fit_reference
 
     with (
-        _Timer() as timer,
+        Timer() as timer,
         storage.track_reads() as reads,
         ThreadPoolExecutor(1, "sagewatch-hash") as hasher,
     ):
@@ -206,7 +188,7 @@ def stage_train(
         hashes = [hasher.submit(storage.file_info, *f) for f in _files(reference)]
         try:
             detector, info = fit_reference(reference, settings, progress=progress)
-            inputs = _as_dicts(reads) + [h.result().as_dict() for h in hashes]
+            inputs = as_dicts(reads) + [h.result().as_dict() for h in hashes]
         except BaseException:
             hasher.shutdown(cancel_futures=True)
             raise
@@ -228,7 +210,7 @@ def stage_train(
         details={
             "threshold": detector.threshold_,
             **info,
-            "training": _without_history(detector.training_),
+            "training": without_history(detector.training_),
         },
     )
     return detector, record
@@ -323,11 +305,11 @@ def stage_score(
     from sagewatch.detector import Detector
     from sagewatch.scoring import score_features
 
-    with _Timer() as timer:
+    with Timer() as timer:
         with storage.track_reads() as reads:
             if isinstance(detector, str):
                 detector = Detector.load(detector)
-        inputs = _as_dicts(reads)
+        inputs = as_dicts(reads)
         scores: pl.DataFrame | str | None = None
         source = features if isinstance(features, str) else "features"
         if isinstance(features, str):
@@ -346,7 +328,7 @@ def stage_score(
             else:
                 with storage.track_reads() as reads:
                     features = read_features(features)
-                inputs += _as_dicts(reads)
+                inputs += as_dicts(reads)
         if scores is None:
             assert isinstance(features, pl.DataFrame)
             table = score_features(features, detector, source=source, progress=progress)
@@ -377,7 +359,7 @@ def stage_evaluate(
     progress: bool = False,
 ) -> tuple[dict[str, Any], StageRecord]:
     """Write the JSON and HTML report for a scores table."""
-    with _Timer() as timer:
+    with Timer() as timer:
         with storage.track_reads() as reads:
             if isinstance(scores, str):
                 scores = read_scores(scores)
@@ -393,7 +375,7 @@ def stage_evaluate(
         )
     record = StageRecord(
         "evaluate",
-        inputs=_as_dicts(reads),
+        inputs=as_dicts(reads),
         outputs=[w.as_dict() for w in written],
         rows_in=scores.height,
         seconds=timer.seconds,
@@ -528,7 +510,7 @@ def run(
     started = datetime.now(UTC)
     stages: list[StageRecord] = []
     manifest_uri = storage.join(data_dir, MANIFEST)
-    _remove_previous(manifest_uri)
+    remove_previous(manifest_uri)
     if input_uri is None:
         input_uri, record = stage_generate(settings, paths["raw"])
         stages.append(record)
@@ -539,12 +521,12 @@ def run(
     detector, train_record = stage_train(
         settings, features, paths["model"], progress=progress
     )
-    _handed_over(train_record, features_record)
+    handed_over(train_record, features_record)
     stages.append(train_record)
     scores, score_record = stage_score(
         settings, features, detector, paths["scores"], progress=progress
     )
-    _handed_over(score_record, train_record, features_record)
+    handed_over(score_record, train_record, features_record)
     stages.append(score_record)
     from sagewatch.comparison import compare_detectors
 
@@ -567,88 +549,17 @@ def run(
     report, record = stage_evaluate(
         settings, scores, paths["evaluation"], context=context, progress=progress
     )
-    _handed_over(record, score_record)
+    handed_over(record, score_record)
     stages.append(record)
     write_manifest(
         manifest_uri,
         settings,
         stages,
         started=started,
-        extra={"input": input_uri, "data_dir": data_dir, **_store(input_uri, data_dir)},
+        extra={
+            "input": input_uri,
+            "data_dir": data_dir,
+            **store_info(input_uri, data_dir),
+        },
     )
     return RunResult(data_dir, stages, report, manifest_uri)
-
-
-def _remove_previous(manifest_uri: str) -> None:
-    """Delete an earlier run's manifest: it vouches for a whole run, so a run that
-    fails part-way leaves none rather than one that no longer matches the folders.
-
-    A store that cannot be reached or written is left for the first stage to
-    report, with what it was writing.
-    """
-    try:
-        if storage.exists(manifest_uri):
-            log.info("removing the previous run's %s", manifest_uri)
-            storage.remove(manifest_uri)
-    except StorageError as exc:
-        log.debug("previous manifest not removed: %s", exc)
-
-
-def write_manifest(
-    uri: str,
-    settings: Settings,
-    stages: list[StageRecord],
-    *,
-    started: datetime,
-    extra: dict[str, Any] | None = None,
-) -> storage.FileInfo:
-    """Record what every stage read and wrote, with fingerprints and the config."""
-    manifest = {
-        "sagewatch_version": __version__,
-        "started": started.isoformat(),
-        "finished": datetime.now(UTC).isoformat(),
-        "python": platform.python_version(),
-        "config": settings.model_dump(mode="json"),
-        "config_sha256": hashlib.sha256(
-            json.dumps(settings.model_dump(mode="json"), sort_keys=True).encode()
-        ).hexdigest(),
-        "stages": [asdict(s) for s in stages],
-        **(extra or {}),
-    }
-    return storage.write_json(uri, manifest)
-
-
-def _store(*uris: str) -> dict[str, str]:
-    """The S3 endpoint, when any URI is on S3 (``s3://`` names no endpoint)."""
-    return {"s3_endpoint": storage.endpoint()} if any(map(storage.is_s3, uris)) else {}
-
-
-def _as_dicts(files: list[storage.FileInfo]) -> list[dict[str, Any]]:
-    return [f.as_dict() for f in files]
-
-
-def _without_history(summary: dict[str, Any]) -> dict[str, Any]:
-    """A training summary without per-epoch losses (those stay in detector.json)."""
-    out = {k: v for k, v in summary.items() if k != "history"}
-    if "members" in out:
-        out["members"] = [_without_history(m) for m in out["members"]]
-    return out
-
-
-def _describe_inputs(uri: str) -> list[dict[str, Any]]:
-    """Size and SHA-256 of input files this process did not read itself.
-
-    The files are streamed through the hash, never parsed; their row counts are
-    not known here and stay empty.
-    """
-    return [storage.file_info(f).as_dict() for f in storage.list_files(uri)]
-
-
-def _handed_over(record: StageRecord, *previous: StageRecord) -> None:
-    """Record the outputs of earlier stages, passed in memory, as ``record``'s inputs.
-
-    The in-memory table is the one those files were written from, so their URIs,
-    sizes and fingerprints describe it without reading anything back.
-    """
-    if not record.inputs:
-        record.inputs = [o for p in previous for o in p.outputs]
