@@ -136,10 +136,42 @@ def test_two_stray_quotes_do_not_merge_rows(tmp_path: Path) -> None:
 
 
 def test_quote_inside_a_field_is_named(tmp_path: Path) -> None:
-    path = _file(tmp_path, _rows(f"{_t(0)},m1,1,2", f'{_t(1)},m"1,3,4'))
+    # on the last line without a final line break, polars itself reads it
+    path = _file(tmp_path, _rows(f"{_t(0)},m1,1,2") + f'{_t(1)},m"1,3,4')
     assert _refusal(path) == (
         f"{path}, line 3: the field 'm\"1' holds a quote character; expected plain "
         "values, or values wholly in quotes with inner quotes doubled"
+    )
+
+
+def test_stray_quote_in_the_header_is_named(tmp_path: Path) -> None:
+    body = "".join(f"{_t(i)},m1,{i},2\n" for i in range(3))
+    opens = _file(tmp_path, 'timestamp,"machine_id,temp,pres\n' + body, "a.csv")
+    assert _refusal(opens) == (
+        f"{opens}, line 1: a quoted field opens here and never closes; expected each "
+        "row on one line (a stray quote character?)"
+    )
+    inner = _file(tmp_path, 'timestamp,machine"id,temp,pres\n' + body, "b.csv")
+    assert _refusal(inner).startswith(
+        f"{inner}, line 1: the field 'machine\"id' holds a quote character"
+    )
+
+
+def test_text_after_a_closing_quote_is_named(tmp_path: Path) -> None:
+    path = _file(tmp_path, _rows(f"{_t(0)},m1,1,2", f'{_t(1)},"m1"x,3,4'))
+    assert _refusal(path) == (
+        f"{path}, line 3: a quoted field has more text after its closing quote; "
+        "expected a value wholly in quotes (a stray quote character?)"
+    )
+
+
+def test_blank_lines_at_the_end_are_ignored_inside_refused(tmp_path: Path) -> None:
+    rows = _rows(f"{_t(0)},m1,1,2", f"{_t(1)},m1,3,4")
+    assert _load(_file(tmp_path, rows + "\n\r\n\n", "end.csv")).frame.height == 2
+    inside = _file(tmp_path, rows + "\n" + f"{_t(2)},m1,5,6\n", "inside.csv")
+    assert _refusal(inside) == (
+        f"{inside}, line 4: the line has no values; expected a row of readings "
+        "(remove blank lines)"
     )
 
 

@@ -54,6 +54,7 @@ def _parse_csv(uri: str, data: bytes, sep: str | None) -> pl.DataFrame:
         raise InputError(
             f"{uri}: the file is empty; expected a header row and data rows"
         )
+    data = data.rstrip(b"\r\n") + b"\n"  # blank lines at the end are no rows
     separator = sep or sniff_separator(data)
     _check_quotes(uri, data, separator)
     options: dict[str, Any] = {"separator": separator, "try_parse_dates": False}
@@ -73,12 +74,23 @@ def _parse_csv(uri: str, data: bytes, sep: str | None) -> pl.DataFrame:
     if frame.width and frame[frame.columns[-1]].null_count():
         # Polars pads a short line with nulls; only then is the slow check needed.
         _check_field_counts(uri, data, separator)
+        _check_blank_lines(uri, frame)
     return frame
+
+
+def _check_blank_lines(uri: str, frame: pl.DataFrame) -> None:
+    """Refuse a line with no value at all (a blank line inside the file)."""
+    empty = frame.select(pl.all_horizontal(pl.all().is_null())).to_series()
+    if empty.any():
+        line = int(empty.arg_max() or 0) + 2  # the header is line 1
+        raise InputError(
+            f"{uri}, line {line}: the line has no values; expected a row of readings "
+            "(remove blank lines)"
+        )
 
 
 def _csv_error(uri: str, data: bytes, separator: str, exc: Exception) -> InputError:
     _check_field_counts(uri, data, separator)
-    _check_inner_quotes(uri, data, separator)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
     return InputError(
         f"{uri}: cannot parse as CSV with separator {separator!r}: {first}"
@@ -101,44 +113,40 @@ def _check_field_counts(uri: str, data: bytes, separator: str) -> None:
             )
 
 
-def _check_inner_quotes(uri: str, data: bytes, separator: str) -> None:
-    """Refuse the first field with a quote character inside it (``m"1``), which
-    polars cannot parse; called once polars has failed."""
-    import csv
-
-    if b'"' not in data:
-        return
-    text = io.StringIO(data.decode("utf-8", errors="replace"), newline="")
-    reader = csv.reader(text, delimiter=separator)
-    next(reader, None)  # the header
-    for row in reader:
-        inner = [field for field in row if '"' in field]
-        if inner:
-            raise InputError(
-                f"{uri}, line {reader.line_num}: the field {inner[0][:60]!r} holds a "
-                "quote character; expected plain values, or values wholly in quotes "
-                "with inner quotes doubled"
-            )
-
-
 def _check_quotes(uri: str, data: bytes, separator: str) -> None:
-    """Refuse a quoted field that runs over several lines or never closes.
+    """Refuse a stray quote character, naming its line.
 
-    Sensor rows never need one, and a stray quote character makes one: the lines up
-    to the next quote, or the rest of the file, would become one field.
+    Sensor rows never need a quoted field that runs over several lines, and a stray
+    quote makes one: the lines up to the next quote, or the rest of the file, would
+    become one field. A quote inside an unquoted field (``m"1``) is refused too; a
+    field wholly in quotes, with inner quotes doubled, is read as CSV defines it.
+    Runs only when the file holds a quote character.
     """
     import csv
 
     if b'"' not in data:
         return
-    text = io.StringIO(data.decode("utf-8", errors="replace"), newline="")
-    reader = csv.reader(text, delimiter=separator, strict=True)
-    next(reader, None)  # the header
+    text = data.decode("utf-8", errors="replace")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=separator, strict=True)
+    lines: list[str] = []
     while True:
         start = reader.line_num + 1
         try:
             row = next(reader, None)
-        except csv.Error:
+        except csv.Error as exc:
+            closes = "expected after" in str(exc)  # else: the data ends inside it
+            if closes and reader.line_num == start:
+                raise InputError(
+                    f"{uri}, line {reader.line_num}: a quoted field has more text "
+                    "after its closing quote; expected a value wholly in quotes (a "
+                    "stray quote character?)"
+                ) from None
+            if closes:
+                raise InputError(
+                    f"{uri}, line {start}: a quoted field opens here and runs to "
+                    f"line {reader.line_num}; expected each row on one line (a stray "
+                    "quote character?)"
+                ) from None
             raise InputError(
                 f"{uri}, line {start}: a quoted field opens here and never closes; "
                 "expected each row on one line (a stray quote character?)"
@@ -151,6 +159,18 @@ def _check_quotes(uri: str, data: bytes, separator: str) -> None:
                 f"{reader.line_num}; expected each row on one line (a stray quote "
                 "character?)"
             )
+        quoted = [field for field in row if '"' in field]
+        if not quoted:
+            continue
+        lines = lines or text.split("\n")
+        raw = lines[start - 1]
+        for field in quoted:
+            if '"' + field.replace('"', '""') + '"' not in raw:
+                raise InputError(
+                    f"{uri}, line {start}: the field {field[:60]!r} holds a quote "
+                    "character; expected plain values, or values wholly in quotes "
+                    "with inner quotes doubled"
+                )
 
 
 def sniff_separator(data: bytes) -> str:
