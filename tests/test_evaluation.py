@@ -190,19 +190,36 @@ def test_scores_file_without_rows_is_refused(tmp_path: Path) -> None:
         ("label", None, "0 or 1"),
         ("label", 2, "0 or 1"),
         ("is_anomaly", -1, "0 or 1"),
-        ("anomaly_score", None, "a number"),
+        ("anomaly_score", None, "a finite number"),
+        ("anomaly_score", float("inf"), "a finite number"),
+        ("threshold", float("nan"), "a finite number"),
+        ("machine_id", None, "a name"),
+        ("timestamp", "yesterday", "an ISO 8601 timestamp"),
     ],
 )
-def test_scores_file_with_a_bad_value_names_the_row(
+def test_scores_file_with_a_bad_value_names_the_line(
     tmp_path: Path, column: str, value: object, expected: str
 ) -> None:
-    path = tmp_path / "anomaly_scores.csv"
-    kind = pl.Float64 if expected == "a number" else pl.Int64
+    kind = {"0 or 1": pl.Int64, "a finite number": pl.Float64}.get(expected, pl.String)
     frame = _scores([0, 0, 1, 1]).with_columns(pl.col(column).cast(kind))
     frame[2, column] = value
-    frame.write_csv(path)
-    with pytest.raises(InputError) as info:
-        read_scores(str(path))
-    assert str(info.value) == (
-        f"{path}, row 3, column {column!r}: value {value!r}; expected {expected}"
+    csv, parquet = tmp_path / "anomaly_scores.csv", tmp_path / "scores.parquet"
+    frame.write_csv(csv)
+    frame.write_parquet(parquet)
+    for path, place in ((csv, "line 4"), (parquet, "row 3")):  # header: line 1
+        with pytest.raises(InputError) as info:
+            read_scores(str(path))
+        message = str(info.value)
+        assert message.startswith(f"{path}, {place}, column {column!r}: value ")
+        assert message.endswith(f"; expected {expected}")
+
+
+def test_scores_flags_stored_as_text_are_read_as_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "scores.parquet"
+    frame = _scores([0, 1, 1, 0], [1, 0, 0, 0])
+    frame.with_columns(pl.col("label", "in_reference").cast(pl.String)).write_parquet(
+        path
     )
+    scores = read_scores(str(path))
+    assert scores["label"].to_list() == [0, 1, 1, 0]
+    assert evaluate(scores)["metrics"]["n_positive"] == 2

@@ -298,8 +298,8 @@ def evaluate_cmd(
     report, record = stage_evaluate(settings, input_uri, output_dir)
     _stage_manifest(settings, record, output_dir)
     click.echo(
-        f"{report['anomalies']} of {report['evaluated_rows']} evaluated rows flagged "
-        "(reference period left out); "
+        f"{report['anomalies']} of {report['evaluated_rows']} evaluated rows flagged"
+        f"{_left_out(report)}; "
         f"report at {record.outputs[-1]['uri']}"
     )
     if report.get("metrics"):
@@ -317,3 +317,10 @@ main.add_command(sagemaker_group)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+def _left_out(report: dict[str, Any]) -> str:
+    """What the evaluated rows leave out, for the summary line."""
+    if report["evaluated_rows"] == report["rows"]:
+        return ""
+    return f" ({report['rows'] - report['evaluated_rows']} reference rows left out)"

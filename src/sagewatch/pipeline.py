@@ -9,6 +9,7 @@ read twice. The SageMaker entry points call the same stage functions.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -424,44 +425,61 @@ def read_scores(uri: str) -> pl.DataFrame:
     """
     from sagewatch.scoring import SCORE_COLUMNS  # loads torch
 
-    scores = storage.read_table(_one_copy(uri))
+    source = _one_copy(uri)
+    scores = storage.read_table(source)
     what = "anomaly_scores.csv or .parquet written by `sagewatch score`"
     _require(scores, uri, [TIMESTAMP, ENTITY, *SCORE_COLUMNS[:4]], what)
-    if scores.schema.get("timestamp") == pl.String:
-        try:
-            scores = scores.with_columns(
-                pl.col("timestamp").str.to_datetime(time_zone="UTC", time_unit="us")
-            )
-        except pl.exceptions.PolarsError as exc:
-            raise InputError(f"{uri}: unreadable timestamps; expected {what}") from exc
     if scores.height == 0:
         raise InputError(f"{uri}: the table has no rows; expected {what}")
-    _check_score_values(scores, uri)
+    read = scores
+    if scores.schema[TIMESTAMP] == pl.String:
+        stamps = scores[TIMESTAMP].str.to_datetime(
+            time_zone="UTC", time_unit="us", strict=False
+        )
+        scores = scores.with_columns(stamps.alias(TIMESTAMP))
+    _check_score_values(scores, read, uri, _place_namer(source))
+    flags = [c for c in ("is_anomaly", "in_reference", LABEL) if c in scores.columns]
     return scores.with_columns(
-        pl.col("machine_id").cast(pl.String), pl.col("top_sensor").cast(pl.String)
+        pl.col(ENTITY).cast(pl.String),
+        pl.col("top_sensor").cast(pl.String),
+        *[pl.col(c).cast(pl.Float64).cast(pl.Int8) for c in flags],
     )
 
 
-def _check_score_values(scores: pl.DataFrame, uri: str) -> None:
-    """Refuse a score that is not a number and a flag or label that is not 0 or 1,
-    naming the first bad row (counted from 1)."""
-    checks = {"anomaly_score": "a number", "threshold": "a number"}
-    checks |= {c: "0 or 1" for c in ("is_anomaly", "in_reference", LABEL)}
-    for column, expected in checks.items():
-        if column not in scores.columns:
-            continue
+def _place_namer(source: str) -> Callable[[int], str]:
+    """How a message names row ``i`` (from 0) of a scores table: by its line in a
+    single CSV file (the header is line 1), else by its row (from 1)."""
+    files = storage.list_files(source)
+    text = (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")
+    if len(files) == 1 and files[0].endswith(text):
+        return lambda i: f"line {i + 2}"
+    return lambda i: f"row {i + 1}"
+
+
+def _check_score_values(
+    scores: pl.DataFrame, read: pl.DataFrame, uri: str, place: Callable[[int], str]
+) -> None:
+    """Refuse a missing timestamp or entity, a score or threshold that is not a
+    finite number and a flag or label that is not 0 or 1, naming the first bad row
+    and its value as ``read``."""
+    entity = scores[ENTITY].cast(pl.String)
+    problems = {
+        TIMESTAMP: (scores[TIMESTAMP].is_null(), "an ISO 8601 timestamp"),
+        ENTITY: (entity.is_null() | (entity.str.strip_chars() == ""), "a name"),
+    }
+    for column in ("anomaly_score", "threshold"):
         values = scores[column].cast(pl.Float64, strict=False)
-        if expected == "a number":
-            bad = values.is_null() & scores[column].is_not_null()
-            if column == "anomaly_score":
-                bad = bad | values.is_null() | values.is_nan()
-        else:
-            bad = values.is_null() | ~values.is_in([0.0, 1.0]).fill_null(False)
+        problems[column] = (~values.is_finite().fill_null(False), "a finite number")
+    for column in ("is_anomaly", "in_reference", LABEL):
+        if column in scores.columns:
+            values = scores[column].cast(pl.Float64, strict=False)
+            problems[column] = (~values.is_in([0.0, 1.0]).fill_null(False), "0 or 1")
+    for column, (bad, expected) in problems.items():
         if bad.any():
             row = int(bad.arg_max() or 0)
             raise InputError(
-                f"{uri}, row {row + 1}, column {column!r}: value "
-                f"{scores[column][row]!r}; expected {expected}"
+                f"{uri}, {place(row)}, column {column!r}: value "
+                f"{read[column][row]!r}; expected {expected}"
             )
 
 
