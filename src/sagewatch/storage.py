@@ -1,6 +1,6 @@
 """Read and write artifacts at URIs: local paths or ``s3://bucket/key``.
 
-This module, with the two private modules named below, is the only code that knows
+This module, with the three private modules named below, is the only code that knows
 about files and buckets. S3 goes through boto3, which takes its endpoint, region and
 credentials from the standard AWS configuration (``AWS_ENDPOINT_URL``,
 ``AWS_ENDPOINT_URL_S3``, ``AWS_PROFILE``, ``AWS_REGION``, the shared config files),
@@ -17,15 +17,15 @@ file or object untouched and nothing under the final name.
 A location that cannot be reached, read or written raises a
 :class:`~sagewatch.errors.StorageError` naming the URI and what to check (a table
 that cannot be parsed raises :class:`~sagewatch.errors.InputError`); credentials
-never appear in messages. The S3 requests live in :mod:`sagewatch._s3` and the
-table formats in :mod:`sagewatch._tables`; nothing else imports either.
+never appear in messages. The S3 requests live in :mod:`sagewatch._s3`, the
+table formats in :mod:`sagewatch._tables` and the expansion of folders and globs into
+files in :mod:`sagewatch._listing`; nothing else imports them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import glob as globlib
 import hashlib
 import logging
 import os
@@ -40,7 +40,7 @@ from typing import Any
 
 import polars as pl
 
-from sagewatch import _s3, _tables
+from sagewatch import _listing, _s3, _tables
 from sagewatch.errors import (
     AccessDeniedError,
     InputError,
@@ -319,85 +319,13 @@ def list_files(uri: str, suffixes: tuple[str, ...] = TABLE_SUFFIXES) -> list[str
             bucket).
     """
     uri = str(uri)
-    found = _list_s3(uri, suffixes) if is_s3(uri) else _list_local(uri, suffixes)
+    found = _listing.s3(uri, suffixes) if is_s3(uri) else _listing.local(uri, suffixes)
     if not found:
         raise NotFoundError(
             f"no input files at {uri} (looked for {', '.join(suffixes)}); "
             "check the path, prefix or glob"
         )
     return found
-
-
-def _visible(name: str, suffixes: tuple[str, ...]) -> bool:
-    base = basename(name)
-    return not base.startswith(".") and ".tmp-" not in base and base.endswith(suffixes)
-
-
-def _is_glob(text: str) -> bool:
-    return any(ch in text for ch in "*?[")
-
-
-def _list_local(uri: str, suffixes: tuple[str, ...]) -> list[str]:
-    if _is_glob(uri):
-        return sorted(
-            p
-            for p in globlib.glob(uri, recursive=True)
-            if Path(p).is_file() and _visible(p, suffixes)
-        )
-    path = Path(uri)
-    if path.is_file():
-        return [str(path)]
-    if path.is_dir():
-        return sorted(
-            str(p)
-            for p in path.rglob("*")
-            if p.is_file() and _visible(p.name, suffixes)
-        )
-    return []
-
-
-def _list_s3(uri: str, suffixes: tuple[str, ...]) -> list[str]:
-    bucket, key = split_s3(uri)
-    if _is_glob(key):
-        prefix = re.split(r"[*?\[]", key, maxsplit=1)[0]
-        pattern = _glob_regex(key)
-        keys = _s3.keys(f"s3://{bucket}/{prefix}")
-        return [
-            f"s3://{bucket}/{k}"
-            for k in keys
-            if pattern.fullmatch(k) and _visible(k, suffixes)
-        ]
-    keys = _s3.keys(uri)
-    if key in keys:
-        return [uri]
-    folder = key.rstrip("/") + "/" if key else ""
-    return [
-        f"s3://{bucket}/{k}"
-        for k in keys
-        if k.startswith(folder) and _visible(k, suffixes)
-    ]
-
-
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    """A shell glob as a regular expression over ``/``-separated keys."""
-    tokens = re.split(r"(\*\*/|\*\*|\*|\?|\[[^\]]+\])", pattern)
-    parts = []
-    for token in tokens:
-        if token == "**/":
-            parts.append("(?:.*/)?")
-        elif token == "**":
-            parts.append(".*")
-        elif token == "*":
-            parts.append("[^/]*")
-        elif token == "?":
-            parts.append("[^/]")
-        elif token.startswith("[") and len(token) > 2:
-            body = token[1:-1]
-            body = "^" + body[1:] if body.startswith("!") else body
-            parts.append(f"[{body}]")
-        else:
-            parts.append(re.escape(token))
-    return re.compile("".join(parts))
 
 
 # ----------------------------------------------------------------------------- tables
