@@ -270,29 +270,9 @@ def _plot_entity(rows: pl.DataFrame, entity: str, threshold: float | None) -> by
     t = rows[TIMESTAMP].to_numpy()
     s = rows["anomaly_score"].to_numpy()
     if LABEL in rows.columns:
-        y = rows[LABEL].to_numpy().astype(bool)
-        ax.fill_between(
-            t,
-            0,
-            1,
-            where=y,
-            transform=ax.get_xaxis_transform(),
-            color="#f0c987",
-            alpha=0.6,
-            label="labelled anomaly",
-        )
+        _shade(ax, t, rows[LABEL], "#f0c987", 0.6, "labelled anomaly")
     if "in_reference" in rows.columns:
-        ref = rows["in_reference"].to_numpy().astype(bool)
-        ax.fill_between(
-            t,
-            0,
-            1,
-            where=ref,
-            transform=ax.get_xaxis_transform(),
-            color="#cfe3cf",
-            alpha=0.5,
-            label="reference period",
-        )
+        _shade(ax, t, rows["in_reference"], "#cfe3cf", 0.5, "reference period")
     ax.plot(t, s, lw=0.7, color="#4c72b0", label="score")
     flagged = rows["is_anomaly"].to_numpy().astype(bool)
     ax.scatter(t[flagged], s[flagged], s=8, color="#c44e52", zorder=3, label="flagged")
@@ -302,3 +282,19 @@ def _plot_entity(rows: pl.DataFrame, entity: str, threshold: float | None) -> by
     ax.set_title(str(entity), loc="left", fontsize=10)
     ax.legend(loc="upper left", fontsize=7, ncol=5)
     return _png(fig)
+
+
+def _shade(
+    ax: Any, t: np.ndarray, mask: pl.Series, color: str, alpha: float, label: str
+) -> None:
+    """Shade the spans of ``t`` where ``mask`` is set, across the whole plot height."""
+    ax.fill_between(
+        t,
+        0,
+        1,
+        where=mask.to_numpy().astype(bool),
+        transform=ax.get_xaxis_transform(),
+        color=color,
+        alpha=alpha,
+        label=label,
+    )
