@@ -230,7 +230,7 @@ def pyod_autoencoder(
 
     from sagewatch.config import load_settings
     from sagewatch.detector import Detector
-    from sagewatch.pipeline import read_features
+    from sagewatch.stage_tables import read_features
     from sagewatch.training import reference_mask
 
     detector = Detector.load(model_dir)

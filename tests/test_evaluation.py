@@ -11,8 +11,8 @@ import pytest
 
 from sagewatch.errors import InputError
 from sagewatch.evaluation import evaluate, event_metrics, labelled_metrics
-from sagewatch.pipeline import read_scores
 from sagewatch.report import comparison_rows, render_html
+from sagewatch.stage_tables import read_scores
 
 # Six rows: tp at 0 and 5, fn at 1, fp at 2, tn at 3 and 4.
 LABEL = np.array([1, 1, 0, 0, 0, 1])

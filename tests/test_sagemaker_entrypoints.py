@@ -25,10 +25,11 @@ import pytest
 from sagewatch.config import Settings
 from sagewatch.detector import Detector
 from sagewatch.errors import ConfigError
-from sagewatch.pipeline import read_features, stage_features, stage_generate
+from sagewatch.pipeline import stage_features, stage_generate
 from sagewatch.sagemaker import contract, entrypoints, jobs, plans
 from sagewatch.sagemaker.bundle import build_source_bundle
 from sagewatch.scoring import score_features
+from sagewatch.stage_tables import read_features
 
 TINY = {"n_samples": 200, "n_machines": 3, "epochs": 2, "hidden_dims": [16, 8]}
 BIN = Path(sys.executable).parent

@@ -24,9 +24,10 @@ from sagewatch.features import (
     feature_names,
     sensor_matrix,
 )
-from sagewatch.pipeline import read_features, stage_features, stage_score, stage_train
+from sagewatch.pipeline import stage_features, stage_score, stage_train
 from sagewatch.schema import ENTITY, LABEL, TIMESTAMP, load_raw
 from sagewatch.scoring import score_features
+from sagewatch.stage_tables import read_features
 from sagewatch.streaming import _chunks, _writers
 
 # Entity lengths: longer and shorter than the chunks and the window, one row alone.
