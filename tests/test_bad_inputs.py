@@ -168,6 +168,13 @@ def test_text_after_a_closing_quote_is_named(tmp_path: Path) -> None:
 def test_blank_lines_at_the_end_are_ignored_inside_refused(tmp_path: Path) -> None:
     rows = _rows(f"{_t(0)},m1,1,2", f"{_t(1)},m1,3,4")
     assert _load(_file(tmp_path, rows + "\n\r\n\n", "end.csv")).frame.height == 2
+    spaces = _file(tmp_path, rows + "   \n\t\n", "spaces.csv")  # whitespace only
+    assert _load(spaces).frame.height == 2
+    first = _file(tmp_path, "\n" + rows, "first.csv")
+    assert _refusal(first) == (
+        f"{first}, line 1: the line is blank; expected the header row (remove blank "
+        "lines before it)"
+    )
     inside = _file(tmp_path, rows + "\n" + f"{_t(2)},m1,5,6\n", "inside.csv")
     assert _refusal(inside) == (
         f"{inside}, line 4: the line has no values; expected a row of readings "

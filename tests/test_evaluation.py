@@ -194,7 +194,7 @@ def test_scores_file_without_rows_is_refused(tmp_path: Path) -> None:
         ("anomaly_score", float("inf"), "a finite number"),
         ("threshold", float("nan"), "a finite number"),
         ("machine_id", None, "a name"),
-        ("timestamp", "yesterday", "an ISO 8601 timestamp"),
+        ("timestamp", "yesterday", "ISO 8601 such as 2024-01-01 00:00:00"),
     ],
 )
 def test_scores_file_with_a_bad_value_names_the_line(
@@ -210,8 +210,50 @@ def test_scores_file_with_a_bad_value_names_the_line(
         with pytest.raises(InputError) as info:
             read_scores(str(path))
         message = str(info.value)
-        assert message.startswith(f"{path}, {place}, column {column!r}: value ")
-        assert message.endswith(f"; expected {expected}")
+        assert message.startswith(f"{path}, {place}, column {column!r}: ")
+        assert f"expected {expected}" in message
+        assert ("an empty value" if value is None else repr(value)) in message
+
+
+def test_scores_parts_are_checked_each_by_its_own_name_and_row(tmp_path: Path) -> None:
+    good = _scores([0, 0, 1, 1])
+    good.write_parquet(tmp_path / "anomaly_scores-1.parquet")
+    bad = good.with_columns(pl.col("is_anomaly").cast(pl.Int64))
+    bad[2, "is_anomaly"] = 2
+    bad.write_parquet(tmp_path / "anomaly_scores-2.parquet")
+    with pytest.raises(InputError) as info:
+        read_scores(str(tmp_path))
+    part = tmp_path / "anomaly_scores-2.parquet"
+    assert str(info.value).startswith(f"{part}, row 3, column 'is_anomaly': value 2;")
+    bad.with_columns(pl.lit(0).alias("is_anomaly")).write_parquet(part)
+    assert read_scores(str(tmp_path)).height == 8
+
+
+def test_scores_timestamps_are_read_as_iso_8601_row_by_row(tmp_path: Path) -> None:
+    frame = _scores([0, 0, 1, 1])
+    text = frame.with_columns(
+        pl.col("timestamp").dt.strftime("%Y-%m-%dT%H:%M:%S%z").alias("timestamp")
+    )
+    text[1, "timestamp"] = "2024-01-01 00:01:00Z"  # another ISO 8601 spelling
+    path = tmp_path / "anomaly_scores.csv"
+    text.write_csv(path)
+    assert read_scores(str(path))["timestamp"].equals(frame["timestamp"])
+    naive = tmp_path / "naive.parquet"  # pandas writes times without a zone: UTC
+    frame.with_columns(pl.col("timestamp").dt.replace_time_zone(None)).write_parquet(
+        naive
+    )
+    assert read_scores(str(naive))["timestamp"].equals(frame["timestamp"])
+
+
+def test_scores_stored_as_text_are_read_as_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "scores.parquet"
+    frame = _scores([0, 1, 1, 0])
+    frame.with_columns(
+        pl.col("anomaly_score", "threshold").cast(pl.String)
+    ).write_parquet(path)
+    scores = read_scores(str(path))
+    assert scores["anomaly_score"].to_list() == frame["anomaly_score"].to_list()
+    assert evaluate(scores)["metrics"]["pr_auc"] == evaluate(frame)["metrics"]["pr_auc"]
 
 
 def test_scores_flags_stored_as_text_are_read_as_numbers(tmp_path: Path) -> None:

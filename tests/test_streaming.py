@@ -174,6 +174,19 @@ def test_float64_feature_files_of_older_versions_train_and_score(
     )
 
 
+def test_an_unused_column_is_warned_about_once_not_per_chunk(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = _write(_raw().with_columns(pl.lit("x").alias("note")), tmp_path / "r.csv")
+    with caplog.at_level(logging.WARNING, logger="sagewatch"):
+        result = streaming.stream_features(
+            Settings(), raw, str(tmp_path / "features"), chunk_rows=5
+        )
+    assert result is not None and result.quality["ignored_columns"] == ["note"]
+    warned = [r for r in caplog.records if "are not used" in r.getMessage()]
+    assert [r.getMessage() for r in warned] == [f"{raw}: columns ['note'] are not used"]
+
+
 def test_input_within_one_chunk_is_validated_in_memory(tmp_path: Path) -> None:
     raw = _write(_raw(), tmp_path / "raw" / "fleet.parquet")
 

@@ -54,7 +54,8 @@ def _parse_csv(uri: str, data: bytes, sep: str | None) -> pl.DataFrame:
         raise InputError(
             f"{uri}: the file is empty; expected a header row and data rows"
         )
-    data = data.rstrip(b"\r\n") + b"\n"  # blank lines at the end are no rows
+    check_first_line(uri, data)
+    data = _without_trailing_blank_lines(data)
     separator = sep or sniff_separator(data)
     _check_quotes(uri, data, separator)
     options: dict[str, Any] = {"separator": separator, "try_parse_dates": False}
@@ -76,6 +77,26 @@ def _parse_csv(uri: str, data: bytes, sep: str | None) -> pl.DataFrame:
         _check_field_counts(uri, data, separator)
         _check_blank_lines(uri, frame)
     return frame
+
+
+def _without_trailing_blank_lines(data: bytes) -> bytes:
+    """``data`` ending in one line break, without blank or whitespace-only lines at
+    the end (they are no rows)."""
+    end = len(data)
+    while (cut := data.rfind(b"\n", 0, end)) >= 0 and not data[cut + 1 : end].strip():
+        end = cut
+    return data[:end] + b"\n"
+
+
+def check_first_line(uri: str, data: bytes) -> None:
+    """Refuse a file whose first line is blank: the header must be line 1, or every
+    line number in later messages would be off. ``data`` may be the file's head."""
+    first = data.removeprefix(b"\xef\xbb\xbf").split(b"\n", 1)[0]
+    if data.strip() and not first.strip():  # an empty file is refused elsewhere
+        raise InputError(
+            f"{uri}, line 1: the line is blank; expected the header row (remove "
+            "blank lines before it)"
+        )
 
 
 def _check_blank_lines(uri: str, frame: pl.DataFrame) -> None:

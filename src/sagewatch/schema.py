@@ -129,7 +129,7 @@ def validate(
     report["ignored_columns"] = [
         c for c in raw.columns if c not in keep and c not in _mapped(data)
     ]
-    if report["ignored_columns"]:
+    if report["ignored_columns"] and summary:  # chunked callers warn once themselves
         log.warning("%s: columns %s are not used", source, report["ignored_columns"])
     frame = _cast_sensors(frame, sensors)
     frame = frame.select(

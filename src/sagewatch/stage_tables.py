@@ -9,7 +9,6 @@ Errors name the file, the column and the CSV line or Parquet row.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import polars as pl
 
@@ -18,6 +17,7 @@ from sagewatch.errors import InputError
 from sagewatch.features import sensors_of
 from sagewatch.reference import canonical
 from sagewatch.schema import ENTITY, LABEL, TIMESTAMP
+from sagewatch.timestamps import to_utc
 
 log = logging.getLogger(__name__)
 
@@ -59,67 +59,70 @@ def read_features(uri: str) -> pl.DataFrame:
 def read_scores(uri: str) -> pl.DataFrame:
     """Read a scores table written by ``sagewatch score`` (CSV or Parquet).
 
+    Each part file is read and checked on its own, so an error names the file and
+    its CSV line or Parquet row, then the parts are joined in name order.
+
     Raises:
         InputError: the table is not one ``sagewatch score`` wrote.
     """
     from sagewatch.scoring import SCORE_COLUMNS  # loads torch
 
-    source = _one_copy(uri)
-    scores = storage.read_table(source)
     what = "anomaly_scores.csv or .parquet written by `sagewatch score`"
-    require(scores, uri, [TIMESTAMP, ENTITY, *SCORE_COLUMNS[:4]], what)
-    if scores.height == 0:
+    parts = []
+    for path in storage.list_files(_one_copy(uri)):
+        part = storage.read_table(path)
+        require(part, path, [TIMESTAMP, ENTITY, *SCORE_COLUMNS[:4]], what)
+        if part.height:
+            parts.append(_checked_scores(part, path))
+    if not parts:
         raise InputError(f"{uri}: the table has no rows; expected {what}")
-    read = scores
-    if scores.schema[TIMESTAMP] == pl.String:
-        stamps = scores[TIMESTAMP].str.to_datetime(
-            time_zone="UTC", time_unit="us", strict=False
-        )
-        scores = scores.with_columns(stamps.alias(TIMESTAMP))
-    _check_score_values(scores, read, uri, _place_namer(source))
-    flags = [c for c in ("is_anomaly", "in_reference", LABEL) if c in scores.columns]
-    return scores.with_columns(
-        pl.col(ENTITY).cast(pl.String),
-        pl.col("top_sensor").cast(pl.String),
-        *[pl.col(c).cast(pl.Float64).cast(pl.Int8) for c in flags],
+    try:
+        return parts[0] if len(parts) == 1 else pl.concat(parts, how="diagonal_relaxed")
+    except pl.exceptions.PolarsError as exc:
+        raise InputError(
+            f"part files under {uri} do not share one schema: {exc}"
+        ) from exc
+
+
+def _checked_scores(read: pl.DataFrame, path: str) -> pl.DataFrame:
+    """One part file's rows with typed columns, or an error naming the first bad
+    value: a missing timestamp or entity, a score or threshold that is not a finite
+    number, a flag or label that is not 0 or 1."""
+    csv = path.endswith((".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz"))
+
+    def place(row: int) -> str:  # the header is line 1 of a CSV file
+        return f"{path}, line {row + 2}" if csv else f"{path}, row {row + 1}"
+
+    stamps = to_utc(
+        read[TIMESTAMP], locate=lambda row: f"{place(row)}, column 'timestamp'"
     )
-
-
-def _place_namer(source: str) -> Callable[[int], str]:
-    """How a message names row ``i`` (from 0) of a scores table: by its line in a
-    single CSV file (the header is line 1), else by its row (from 1)."""
-    files = storage.list_files(source)
-    text = (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")
-    if len(files) == 1 and files[0].endswith(text):
-        return lambda i: f"line {i + 2}"
-    return lambda i: f"row {i + 1}"
-
-
-def _check_score_values(
-    scores: pl.DataFrame, read: pl.DataFrame, uri: str, place: Callable[[int], str]
-) -> None:
-    """Refuse a missing timestamp or entity, a score or threshold that is not a
-    finite number and a flag or label that is not 0 or 1, naming the first bad row
-    and its value as ``read``."""
-    entity = scores[ENTITY].cast(pl.String)
-    problems = {
-        TIMESTAMP: (scores[TIMESTAMP].is_null(), "an ISO 8601 timestamp"),
-        ENTITY: (entity.is_null() | (entity.str.strip_chars() == ""), "a name"),
-    }
-    for column in ("anomaly_score", "threshold"):
-        values = scores[column].cast(pl.Float64, strict=False)
-        problems[column] = (~values.is_finite().fill_null(False), "a finite number")
-    for column in ("is_anomaly", "in_reference", LABEL):
-        if column in scores.columns:
-            values = scores[column].cast(pl.Float64, strict=False)
+    entity = read[ENTITY].cast(pl.String)
+    problems = {ENTITY: (entity.is_null() | (entity.str.strip_chars() == ""), "a name")}
+    numbers = {}
+    for column in ("anomaly_score", "threshold", "is_anomaly", "in_reference", LABEL):
+        if column not in read.columns:
+            continue
+        values = read[column].cast(pl.Float64, strict=False)
+        if column in ("anomaly_score", "threshold"):
+            problems[column] = (~values.is_finite().fill_null(False), "a finite number")
+        else:
             problems[column] = (~values.is_in([0.0, 1.0]).fill_null(False), "0 or 1")
+            values = values.cast(pl.Int8, strict=False)
+        numbers[column] = values
     for column, (bad, expected) in problems.items():
         if bad.any():
             row = int(bad.arg_max() or 0)
+            value = read[column][row]
+            shown = "an empty value" if value in (None, "") else f"value {value!r}"
             raise InputError(
-                f"{uri}, {place(row)}, column {column!r}: value "
-                f"{read[column][row]!r}; expected {expected}"
+                f"{place(row)}, column {column!r}: {shown}; expected {expected}"
             )
+    return read.with_columns(
+        stamps.alias(TIMESTAMP),
+        entity.alias(ENTITY),
+        pl.col("top_sensor").cast(pl.String),
+        *[values.alias(column) for column, values in numbers.items()],
+    )
 
 
 def _one_copy(uri: str) -> str:

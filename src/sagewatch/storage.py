@@ -397,7 +397,9 @@ def scan_table(uri: str, *, sep: str | None = None) -> pl.LazyFrame:
         elif f.endswith(".gz"):
             frames.append(_read_one(f, sep).lazy())
         else:
-            separator = sep or _tables.sniff_separator(_head(f))
+            head = _head(f)
+            _tables.check_first_line(f, head)
+            separator = sep or _tables.sniff_separator(head)
             frames.append(
                 pl.scan_csv(
                     f, separator=separator, infer_schema_length=10_000, **options

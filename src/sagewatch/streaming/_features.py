@@ -155,6 +155,10 @@ def _stream_features(
     bar.close()
     assert result is not None
     result.quality = merged.report(settings.features.rolling_window)
+    if result.quality["ignored_columns"]:
+        log.warning(
+            "%s: columns %s are not used", input_uri, result.quality["ignored_columns"]
+        )
     return result
 
 
