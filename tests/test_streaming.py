@@ -187,6 +187,29 @@ def test_an_unused_column_is_warned_about_once_not_per_chunk(
     assert [r.getMessage() for r in warned] == [f"{raw}: columns ['note'] are not used"]
 
 
+def test_a_blank_line_falls_back_quietly_and_is_named_in_memory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = Path(_write(_raw(), tmp_path / "fleet.csv"))
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join([*lines[:30], "\n", *lines[30:]]))  # becomes line 31
+    with caplog.at_level(logging.INFO, logger="sagewatch"):
+        assert (
+            streaming.stream_features(
+                Settings(), str(path), str(tmp_path / "features"), chunk_rows=5
+            )
+            is None
+        )
+        with pytest.raises(InputError, match=r", line 31: the line has no values"):
+            stage_features(Settings(), str(path), str(tmp_path / "f"), chunk_rows=5)
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert (
+        logging.INFO,
+        f"{path}: not streamed (a row has no entity value); validating in memory",
+    ) in messages
+    assert not any(level >= logging.WARNING for level, _ in messages)
+
+
 def test_input_within_one_chunk_is_validated_in_memory(tmp_path: Path) -> None:
     raw = _write(_raw(), tmp_path / "raw" / "fleet.parquet")
 

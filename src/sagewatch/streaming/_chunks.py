@@ -172,6 +172,8 @@ class _Seen:
         self.current: str | None = None
 
     def add(self, names: list[str]) -> None:
+        if None in names:  # a blank line or an empty entity: in memory names the line
+            raise _Fallback("a row has no entity value")
         fresh = names[1:] if names and names[0] == self.current else names
         again = [n for n in fresh if n in self.names]
         if len(set(fresh)) < len(fresh) or self.current in fresh[1:] or again:
