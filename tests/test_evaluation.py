@@ -13,6 +13,7 @@ from sagewatch.errors import InputError
 from sagewatch.evaluation import evaluate, event_metrics, labelled_metrics
 from sagewatch.report import comparison_rows, render_html
 from sagewatch.stage_tables import read_scores
+from sagewatch.timestamps import ISO_EXAMPLES
 
 # Six rows: tp at 0 and 5, fn at 1, fp at 2, tn at 3 and 4.
 LABEL = np.array([1, 1, 0, 0, 0, 1])
@@ -194,7 +195,8 @@ def test_scores_file_without_rows_is_refused(tmp_path: Path) -> None:
         ("anomaly_score", float("inf"), "a finite number"),
         ("threshold", float("nan"), "a finite number"),
         ("machine_id", None, "a name"),
-        ("timestamp", "yesterday", "ISO 8601 such as 2024-01-01 00:00:00"),
+        ("machine_id", "  ", "a name"),
+        ("timestamp", "yesterday", f"{ISO_EXAMPLES}, as the score stage writes them"),
     ],
 )
 def test_scores_file_with_a_bad_value_names_the_line(
@@ -212,7 +214,9 @@ def test_scores_file_with_a_bad_value_names_the_line(
         message = str(info.value)
         assert message.startswith(f"{path}, {place}, column {column!r}: ")
         assert f"expected {expected}" in message
-        assert ("an empty value" if value is None else repr(value)) in message
+        blank = value is None or str(value).strip() == ""
+        assert ("an empty value" if blank else repr(value)) in message
+        assert "timestamp_format" not in message  # evaluate has no such setting
 
 
 def test_scores_parts_are_checked_each_by_its_own_name_and_row(tmp_path: Path) -> None:
@@ -243,6 +247,10 @@ def test_scores_timestamps_are_read_as_iso_8601_row_by_row(tmp_path: Path) -> No
         naive
     )
     assert read_scores(str(naive))["timestamp"].equals(frame["timestamp"])
+    text[2, "timestamp"] = "2024-01-01 00:02:00"  # no offset among ones with one
+    text.write_csv(path)
+    with pytest.raises(InputError, match=r"line 4, column 'timestamp': .* no UTC off"):
+        read_scores(str(path))
 
 
 def test_scores_stored_as_text_are_read_as_numbers(tmp_path: Path) -> None:

@@ -187,6 +187,47 @@ def test_an_unused_column_is_warned_about_once_not_per_chunk(
     assert [r.getMessage() for r in warned] == [f"{raw}: columns ['note'] are not used"]
 
 
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_a_folder_of_files_streams_like_one_file(tmp_path: Path, suffix: str) -> None:
+    raw = _raw()
+    first = raw.filter(pl.col("machine_id") <= "pump-2")
+    _write(first, tmp_path / "raw" / f"a{suffix}")
+    _write(raw.filter(pl.col("machine_id") > "pump-2"), tmp_path / "raw" / f"b{suffix}")
+    settings = Settings()
+
+    result = streaming.stream_features(
+        settings, str(tmp_path / "raw"), str(tmp_path / "features"), chunk_rows=5
+    )
+
+    assert result is not None
+    streamed = pl.read_parquet(tmp_path / "features" / "*.parquet")
+    expected = _in_memory(settings, str(tmp_path / "raw"))
+    assert_frame_equal(_sorted(streamed), _sorted(expected), check_exact=True)
+    assert [(Path(i.uri).name, i.rows) for i in result.inputs] == [
+        (f"a{suffix}", first.height),
+        (f"b{suffix}", raw.height - first.height),
+    ]
+
+
+@pytest.mark.parametrize("ending", ["\n", "   \n", "\n \t\n\n"])
+def test_blank_lines_at_the_end_of_a_csv_still_stream(
+    tmp_path: Path, ending: str
+) -> None:
+    path = Path(_write(_raw(), tmp_path / "fleet.csv"))
+    path.write_text(path.read_text() + ending)
+    settings = Settings()
+
+    result = streaming.stream_features(
+        settings, str(path), str(tmp_path / "features"), chunk_rows=5
+    )
+
+    assert result is not None
+    assert [i.rows for i in result.inputs] == [sum(LENGTHS.values())]
+    streamed = pl.read_parquet(tmp_path / "features" / "*.parquet")
+    expected = _in_memory(settings, str(path))
+    assert_frame_equal(_sorted(streamed), _sorted(expected), check_exact=True)
+
+
 def test_a_blank_line_falls_back_quietly_and_is_named_in_memory(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

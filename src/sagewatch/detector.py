@@ -325,9 +325,11 @@ class Detector:
             squares = np.square(z, dtype=np.float64)
             return self.model_.score(z), per_sensor(squares, groups, sensors)
         if isinstance(self.model_, dict):
-            errors = pca_errors(self.model_, z)
+            errors = pca_errors(self.model_, z, entity, position)
         elif s.architecture == "dense":
-            return dense_scores(self.model_, z, entity, s.score_window, groups, sensors)
+            return dense_scores(
+                self.model_, z, entity, position, s.score_window, groups, sensors
+            )
         elif self._causal:
             errors = tile_errors(
                 self.model_,

@@ -79,11 +79,12 @@ class DenseAutoencoder(nn.Module):
 def dense_forward(
     layers: Sequence[tuple[np.ndarray, np.ndarray]], x: np.ndarray
 ) -> np.ndarray:
-    """A :class:`DenseAutoencoder`'s output computed with numpy. (rows, features)
+    """A :class:`DenseAutoencoder`'s output computed with numpy. (..., rows,
+    features); a stack of tiles is multiplied tile by tile.
 
-    Scoring uses this instead of torch: torch's CPU matrix product rounds a row
-    differently depending on its place in the batch, numpy's (OpenBLAS) does not,
-    so a row scores the same in any block.
+    Scoring uses this instead of torch: numpy runs one matrix product per tile of
+    a stack, so a row kept in the same place of a same-shaped tile (see
+    :mod:`sagewatch.row_scores`) scores the same in any block.
     """
     for i, (weight, bias) in enumerate(layers):
         x = x @ weight

@@ -2,8 +2,10 @@
 
 Each function takes scaled features ``z`` (rows, features) of rows grouped by
 entity in time order, as :class:`~sagewatch.detector.Detector` passes them, and
-computes every row in a block or tile of a fixed shape, zero-padded. A row's
-values therefore do not depend on where a block or chunk of rows starts.
+computes every row in the same place of a block or tile of a fixed shape. A row's
+values therefore do not depend on where a block or chunk of rows starts: a matrix
+product may round a row differently at another place in the batch (OpenBLAS does,
+at the edges of its internal panels), never at the same place.
 
 * :func:`pca_errors`: squared errors of the PCA reconstruction.
 * :func:`dense_scores`: the dense autoencoder's score and per-sensor sums,
@@ -12,11 +14,15 @@ values therefore do not depend on where a block or chunk of rows starts.
   sequence.
 * :func:`tile_errors`: the causal autoencoder's errors, in tiles of rows aligned
   on the row number within the entity (:func:`tile_index`).
+
+PCA and the dense autoencoder run in numpy on tiles of :data:`ROW_TILE` rows
+aligned the same way, one matrix product per tile (numpy multiplies a stack of
+matrices one by one).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,11 +31,12 @@ from torch import nn
 from sagewatch.models import entity_runs, pca_reconstruct, trailing_mean, window_index
 from sagewatch.networks import DenseAutoencoder, dense_forward
 
-# Rows go through PCA and the window autoencoder in blocks of exactly this many
-# (zero-padded), so a row's score does not depend on how the rows were cut into
-# blocks; the dense autoencoder takes larger blocks of _DENSE_BATCH rows.
+# Sequences go through the window autoencoder in blocks of exactly this many
+# (zero-padded).
 _FORWARD_BATCH = 512
-_DENSE_BATCH = 8192
+# Rows per tile of PCA and the dense autoencoder, and tiles per numpy call.
+ROW_TILE = 256
+_TILES_PER_CALL = 32
 # Tiles (zero-padded) per call of the causal autoencoder.
 _TILE_BATCH = 32
 
@@ -46,23 +53,48 @@ def per_sensor(values: np.ndarray, groups: list[int], sensors: int) -> np.ndarra
     return out
 
 
-def pca_errors(model: dict[str, np.ndarray], z: np.ndarray) -> np.ndarray:
+def _aligned_tiles(
+    z: np.ndarray,
+    entity: np.ndarray,
+    position: np.ndarray,
+    compute: Callable[[np.ndarray], np.ndarray],
+    width: int,
+) -> np.ndarray:
+    """``compute`` applied to the rows in tiles of :data:`ROW_TILE` rows aligned on
+    the row number within the entity, and its values read back per row.
+
+    ``compute`` maps tiles (tiles, ROW_TILE, features) to values (tiles, ROW_TILE,
+    width), each row's from that row alone. Returns (rows, width).
+    """
+    index, tile_of, offset = tile_index(entity, position, 0, ROW_TILE)
+    out = np.empty((len(z), width))
+    for start in range(0, len(index), _TILES_PER_CALL):
+        values = compute(z[index[start : start + _TILES_PER_CALL]])
+        # tiles follow the rows in order: theirs are a contiguous range
+        first, end = np.searchsorted(tile_of, [start, start + len(values)])
+        out[first:end] = values[tile_of[first:end] - start, offset[first:end]]
+    return out
+
+
+def pca_errors(
+    model: dict[str, np.ndarray],
+    z: np.ndarray,
+    entity: np.ndarray,
+    position: np.ndarray,
+) -> np.ndarray:
     """Squared error of each feature's PCA reconstruction. (rows, features)"""
-    errors = np.empty(z.shape, dtype=np.float64)
-    block = np.zeros((_FORWARD_BATCH, z.shape[1]), dtype=z.dtype)
-    for start in range(0, len(z), _FORWARD_BATCH):
-        # fixed-size blocks: matrix products round alike wherever a block starts
-        rows = z[start : start + _FORWARD_BATCH]
-        block[: len(rows)] = rows
-        recon = pca_reconstruct(model, block)[: len(rows)]
-        errors[start : start + len(rows)] = np.square(rows - recon)
-    return errors
+
+    def errors(tiles: np.ndarray) -> np.ndarray:
+        return np.square(tiles - pca_reconstruct(model, tiles), dtype=np.float64)
+
+    return _aligned_tiles(z, entity, position, errors, z.shape[1])
 
 
 def dense_scores(
     members: Sequence[DenseAutoencoder],
     z: np.ndarray,
     entity: np.ndarray,
+    position: np.ndarray,
     window: int,
     groups: list[int],
     sensors: int,
@@ -70,22 +102,23 @@ def dense_scores(
     """Mean squared error of each row and its per-sensor sums, averaged over the
     members and over the ``window`` rows ending at the row.
 
-    The network runs in numpy (see :func:`~sagewatch.networks.dense_forward`), on
-    zero-padded blocks of a fixed size. Returns (rows,) and (rows, sensors).
+    The network runs in numpy (see :func:`~sagewatch.networks.dense_forward`) on
+    aligned tiles. Returns (rows,) and (rows, sensors).
     """
     layers = [m.layers() for m in members]
-    per_row = np.empty((len(z), 1 + sensors))  # score, then sensors
-    block = np.zeros((_DENSE_BATCH, z.shape[1]), dtype=np.float32)
-    for start in range(0, len(z), _DENSE_BATCH):
-        rows = z[start : start + _DENSE_BATCH]  # (batch, features)
-        block[: len(rows)] = rows
-        total = np.zeros(rows.shape)
+
+    def score_and_sensors(tiles: np.ndarray) -> np.ndarray:
+        inputs = tiles.astype(np.float32, copy=False)
+        total = np.zeros(tiles.shape)
         for member in layers:
-            total += np.square(dense_forward(member, block)[: len(rows)] - rows)
-        errors = total / len(layers)
-        part = per_row[start : start + len(rows)]
-        part[:, 0] = errors.mean(axis=1)
-        part[:, 1:] = per_sensor(errors, groups, sensors)
+            total += np.square(dense_forward(member, inputs) - tiles)
+        errors = (total / len(layers)).reshape(-1, tiles.shape[2])
+        per_row = np.column_stack(
+            [errors.mean(axis=1), per_sensor(errors, groups, sensors)]
+        )
+        return per_row.reshape(*tiles.shape[:2], 1 + sensors)
+
+    per_row = _aligned_tiles(z, entity, position, score_and_sensors, 1 + sensors)
     smoothed = trailing_mean(per_row, entity, window)
     return smoothed[:, 0], smoothed[:, 1:]
 

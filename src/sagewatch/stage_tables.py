@@ -17,7 +17,7 @@ from sagewatch.errors import InputError
 from sagewatch.features import sensors_of
 from sagewatch.reference import canonical
 from sagewatch.schema import ENTITY, LABEL, TIMESTAMP
-from sagewatch.timestamps import to_utc
+from sagewatch.timestamps import ISO_EXAMPLES, to_utc
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,9 @@ def _checked_scores(read: pl.DataFrame, path: str) -> pl.DataFrame:
         return f"{path}, line {row + 2}" if csv else f"{path}, row {row + 1}"
 
     stamps = to_utc(
-        read[TIMESTAMP], locate=lambda row: f"{place(row)}, column 'timestamp'"
+        read[TIMESTAMP],
+        locate=lambda row: f"{place(row)}, column 'timestamp'",
+        expected=f"expected {ISO_EXAMPLES}, as the score stage writes them",
     )
     entity = read[ENTITY].cast(pl.String)
     problems = {ENTITY: (entity.is_null() | (entity.str.strip_chars() == ""), "a name")}
@@ -113,7 +115,8 @@ def _checked_scores(read: pl.DataFrame, path: str) -> pl.DataFrame:
         if bad.any():
             row = int(bad.arg_max() or 0)
             value = read[column][row]
-            shown = "an empty value" if value in (None, "") else f"value {value!r}"
+            empty = value is None or (isinstance(value, str) and not value.strip())
+            shown = "an empty value" if empty else f"value {value!r}"
             raise InputError(
                 f"{place(row)}, column {column!r}: {shown}; expected {expected}"
             )

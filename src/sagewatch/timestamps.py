@@ -23,10 +23,8 @@ ISO = re.compile(
     r"^(\d{4}-\d{2}-\d{2})(?:[T ](\d{2}:\d{2})(:\d{2}(?:\.\d{1,9})?)?)?"
     r"(Z|[+-]\d{2}(?::?\d{2})?)?$"
 )
-_EXPECTED_ISO = (
-    "expected ISO 8601 such as 2024-01-01 00:00:00 or 2024-01-01T00:00:00+01:00 "
-    "(set timestamp_format for other layouts)"
-)
+ISO_EXAMPLES = "ISO 8601 such as 2024-01-01 00:00:00 or 2024-01-01T00:00:00+01:00"
+_EXPECTED_ISO = f"expected {ISO_EXAMPLES} (set timestamp_format for other layouts)"
 
 Locate = Callable[[int], str]
 
@@ -37,10 +35,12 @@ def to_utc(
     timezone: str = "UTC",
     timestamp_format: str | None = None,
     locate: Locate = lambda row: f"row {row + 1}",
+    expected: str = _EXPECTED_ISO,
 ) -> pl.Series:
     """Parse a column of timestamps to ``Datetime("us", "UTC")``.
 
-    ``locate(row)`` names where row ``row`` came from, for error messages.
+    ``locate(row)`` names where row ``row`` came from, and ``expected`` what an
+    unparsable ISO 8601 value should have been, for error messages.
 
     Raises:
         InputError: a value that cannot be parsed, numbers instead of times, a mix of
@@ -63,7 +63,7 @@ def to_utc(
     text = values.cast(pl.String).str.strip_chars()
     if timestamp_format:
         return _parse_format(text, timestamp_format, timezone, locate)
-    return _parse_iso(text, timezone, locate)
+    return _parse_iso(text, timezone, locate, expected)
 
 
 def _parse_format(text: pl.Series, layout: str, zone: str, locate: Locate) -> pl.Series:
@@ -74,13 +74,13 @@ def _parse_format(text: pl.Series, layout: str, zone: str, locate: Locate) -> pl
     return parsed.dt.convert_time_zone("UTC")
 
 
-def _parse_iso(text: pl.Series, zone: str, locate: Locate) -> pl.Series:
+def _parse_iso(text: pl.Series, zone: str, locate: Locate, expected: str) -> pl.Series:
     parts = text.str.extract_groups(ISO.pattern)
     date, hm, sec, offset = (parts.struct.field(f) for f in ("1", "2", "3", "4"))
     local = (date + " " + hm.fill_null("00:00") + sec.fill_null(":00")).str.to_datetime(
         format="%Y-%m-%d %H:%M:%S%.f", strict=False, time_unit="us"
     )
-    _refuse_unparsed(text, local, _EXPECTED_ISO, locate)
+    _refuse_unparsed(text, local, expected, locate)
 
     has_offset = offset.is_not_null()
     if not has_offset.any():

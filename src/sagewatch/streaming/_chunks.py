@@ -229,10 +229,13 @@ def raw_batches(
         InputError: a file has a header but no rows, or cannot be read.
     """
     for path in files:
-        first = 2 if path.endswith(_CSV) else 1
-        scan = storage.scan_table(path, sep=sep)
+        csv = path.endswith(_CSV)
+        first = 2 if csv else 1
+        batches = storage.collect_batches(
+            storage.scan_table(path, sep=sep), path, chunk_rows
+        )
         rows = 0
-        for batch in storage.collect_batches(scan, path, chunk_rows):
+        for batch in _without_blank_tail(batches) if csv else batches:
             yield batch.with_columns(
                 pl.lit(path).alias(SOURCE),
                 pl.int_range(
@@ -244,6 +247,30 @@ def raw_batches(
                 rows_read[path] += batch.height
         if rows == 0:
             raise InputError(f"{path}: the file has a header but no data rows")
+
+
+def _without_blank_tail(batches: Iterator[pl.DataFrame]) -> Iterator[pl.DataFrame]:
+    """``batches`` without the blank or whitespace-only lines at the end of the
+    file: they are no rows, as in :func:`sagewatch.schema.load_raw`. Blank lines
+    before a row stay, for the checks to refuse."""
+    held: list[pl.DataFrame] = []  # the last batch with a row, then blank ones
+    for batch in batches:
+        if not _is_blank(batch).all():
+            yield from held
+            held = []
+        held.append(batch)
+    if held:
+        rows = (~_is_blank(held[0])).arg_true()
+        if rows.len():
+            yield held[0].head(rows[-1] + 1)
+
+
+def _is_blank(batch: pl.DataFrame) -> pl.Series:
+    return batch.select(
+        pl.all_horizontal(
+            pl.all().cast(pl.String).str.strip_chars().fill_null("") == ""
+        )
+    ).to_series()
 
 
 def feature_chunks(

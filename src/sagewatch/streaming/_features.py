@@ -102,10 +102,8 @@ def stream_features(
         log.log(level, "%s: not streamed (%s); validating in memory", input_uri, exc)
         return None
     result.outputs = writer.outputs
-    result.inputs = [
-        storage.file_info(f, rows=result.quality.pop("_file_rows").get(f))
-        for f in files
-    ]
+    file_rows = result.quality.pop("_file_rows")
+    result.inputs = [storage.file_info(f, rows=file_rows.get(f)) for f in files]
     return result
 
 
