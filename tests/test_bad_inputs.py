@@ -170,6 +170,8 @@ def test_blank_lines_at_the_end_are_ignored_inside_refused(tmp_path: Path) -> No
     assert _load(_file(tmp_path, rows + "\n\r\n\n", "end.csv")).frame.height == 2
     spaces = _file(tmp_path, rows + "   \n\t\n", "spaces.csv")  # whitespace only
     assert _load(spaces).frame.height == 2
+    commas = _file(tmp_path, rows + ",,,\n , ,,\n", "commas.csv")  # empty fields
+    assert _load(commas).frame.height == 2
     first = _file(tmp_path, "\n" + rows, "first.csv")
     assert _refusal(first) == (
         f"{first}, line 1: the line is blank; expected the header row (remove blank "

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from sagewatch.errors import InputError
 from sagewatch.evaluation import evaluate, event_metrics, labelled_metrics
@@ -222,7 +223,9 @@ def test_scores_file_with_a_bad_value_names_the_line(
 def test_scores_parts_are_checked_each_by_its_own_name_and_row(tmp_path: Path) -> None:
     good = _scores([0, 0, 1, 1])
     good.write_parquet(tmp_path / "anomaly_scores-1.parquet")
-    bad = good.with_columns(pl.col("is_anomaly").cast(pl.Int64))
+    bad = good.with_columns(
+        pl.col("is_anomaly").cast(pl.Int64), machine_id=pl.lit("m2")
+    )
     bad[2, "is_anomaly"] = 2
     bad.write_parquet(tmp_path / "anomaly_scores-2.parquet")
     with pytest.raises(InputError) as info:
@@ -231,6 +234,62 @@ def test_scores_parts_are_checked_each_by_its_own_name_and_row(tmp_path: Path) -
     assert str(info.value).startswith(f"{part}, row 3, column 'is_anomaly': value 2;")
     bad.with_columns(pl.lit(0).alias("is_anomaly")).write_parquet(part)
     assert read_scores(str(tmp_path)).height == 8
+
+
+def test_scores_in_any_row_and_part_order_evaluate_alike(tmp_path: Path) -> None:
+    labels = [0, 1, 1, 0, 0, 1, 0, 0]
+    frame = pl.concat(
+        [_scores(labels), _scores(labels[::-1]).with_columns(machine_id=pl.lit("m2"))]
+    )
+    expected = evaluate(frame)["metrics"]
+    assert expected["n_events"] == 4
+    frame.sort("anomaly_score", descending=True).write_csv(tmp_path / "by_score.csv")
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    later = frame.filter(pl.col("timestamp") >= frame["timestamp"][4])
+    later.write_parquet(parts / "a.parquet")  # the later rows in the first part
+    frame.join(later, on=["machine_id", "timestamp"], how="anti").write_parquet(
+        parts / "b.parquet"
+    )
+
+    for uri in (tmp_path / "by_score.csv", parts):
+        read = read_scores(str(uri))
+        assert_frame_equal(read, frame, check_dtypes=False)
+        assert evaluate(read)["metrics"] == expected
+
+
+def test_a_row_scored_twice_is_refused_naming_both_places(tmp_path: Path) -> None:
+    frame = _scores([0, 1, 1, 0])
+    frame.write_csv(tmp_path / "anomaly_scores-algo-1.csv")
+    frame.tail(1).write_csv(tmp_path / "anomaly_scores-algo-2.csv")
+    with pytest.raises(InputError) as info:
+        read_scores(str(tmp_path))
+    assert str(info.value).startswith(
+        f"{tmp_path / 'anomaly_scores-algo-1.csv'}, line 5 and "
+        f"{tmp_path / 'anomaly_scores-algo-2.csv'}, line 2: entity 'm1' at "
+    )
+    assert "is scored twice (2 rows share an entity and timestamp)" in str(info.value)
+
+
+def test_csv_parts_with_a_parquet_twin_are_read_once(tmp_path: Path) -> None:
+    frame = _scores([0, 1, 1, 0])
+    for number, part in enumerate((frame.head(2), frame.tail(2)), start=1):
+        part.write_csv(tmp_path / f"anomaly_scores-algo-{number}.csv")
+        part.write_parquet(tmp_path / f"anomaly_scores-algo-{number}.parquet")
+    assert read_scores(str(tmp_path)).height == 4
+
+
+def test_scores_padded_with_spaces_read_as_raw_input_is(tmp_path: Path) -> None:
+    frame = _scores([0, 1, 1, 0]).with_columns(
+        pl.format(" {} ", "machine_id").alias("machine_id"),
+        pl.format(" {} ", "anomaly_score").alias("anomaly_score"),
+    )
+    frame.write_csv(tmp_path / "anomaly_scores.csv")
+    read = read_scores(str(tmp_path / "anomaly_scores.csv"))
+    assert read["machine_id"].to_list() == ["m1"] * 4
+    assert (
+        read["anomaly_score"].to_list() == _scores([0] * 4)["anomaly_score"].to_list()
+    )
 
 
 def test_scores_timestamps_are_read_as_iso_8601_row_by_row(tmp_path: Path) -> None:

@@ -209,7 +209,7 @@ def test_a_folder_of_files_streams_like_one_file(tmp_path: Path, suffix: str) ->
     ]
 
 
-@pytest.mark.parametrize("ending", ["\n", "   \n", "\n \t\n\n"])
+@pytest.mark.parametrize("ending", ["\n", "   \n", "\n \t\n\n", ",,,,\n , ,,,\n"])
 def test_blank_lines_at_the_end_of_a_csv_still_stream(
     tmp_path: Path, ending: str
 ) -> None:
@@ -249,6 +249,21 @@ def test_a_blank_line_falls_back_quietly_and_is_named_in_memory(
         f"{path}: not streamed (a row has no entity value); validating in memory",
     ) in messages
     assert not any(level >= logging.WARNING for level, _ in messages)
+
+
+def test_warnings_of_an_abandoned_stream_are_not_repeated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = _raw()
+    twice = pl.concat([raw.head(3), raw.slice(2, 1), raw.slice(3)])  # row 2 twice
+    path = _write(twice, tmp_path / "fleet.csv")
+    with caplog.at_level(logging.INFO, logger="sagewatch"):
+        stage_features(Settings(), path, str(tmp_path / "features"), chunk_rows=5)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    # the abandoned attempt warned of it too, with its chunk's counts
+    assert [m for m in warned if "duplicate" in m] == [
+        f"{path}: dropped 1 exact duplicate rows"
+    ]
 
 
 def test_input_within_one_chunk_is_validated_in_memory(tmp_path: Path) -> None:

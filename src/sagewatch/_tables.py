@@ -55,8 +55,8 @@ def _parse_csv(uri: str, data: bytes, sep: str | None) -> pl.DataFrame:
             f"{uri}: the file is empty; expected a header row and data rows"
         )
     check_first_line(uri, data)
-    data = _without_trailing_blank_lines(data)
     separator = sep or sniff_separator(data)
+    data = _without_trailing_blank_lines(data, separator)
     _check_quotes(uri, data, separator)
     options: dict[str, Any] = {"separator": separator, "try_parse_dates": False}
     try:
@@ -79,11 +79,16 @@ def _parse_csv(uri: str, data: bytes, sep: str | None) -> pl.DataFrame:
     return frame
 
 
-def _without_trailing_blank_lines(data: bytes) -> bytes:
-    """``data`` ending in one line break, without blank or whitespace-only lines at
-    the end (they are no rows)."""
+def _without_trailing_blank_lines(data: bytes, separator: str) -> bytes:
+    """``data`` ending in one line break, without the lines at the end that hold
+    nothing but whitespace and separators (they are no rows)."""
+    sep = separator.encode()
+
+    def blank(line: bytes) -> bool:
+        return not line.replace(sep, b"").strip()
+
     end = len(data)
-    while (cut := data.rfind(b"\n", 0, end)) >= 0 and not data[cut + 1 : end].strip():
+    while (cut := data.rfind(b"\n", 0, end)) >= 0 and blank(data[cut + 1 : end]):
         end = cut
     return data[:end] + b"\n"
 

@@ -101,7 +101,7 @@ def repair(
     """
     report["sensors"] = {s: {} for s in sensors}
     given = frame[ENTITY]
-    frame = _invalid_to_missing(frame, sensors, quality, report)
+    frame = _invalid_to_missing(frame, source, sensors, quality, report)
     frame, sensors = _drop_empty_sensors(frame, source, sensors, report)
     frame = _sort(frame, source, quality, report)
     if _repeats_a_timestamp(frame):
@@ -121,6 +121,7 @@ def repair(
 
 def _invalid_to_missing(
     frame: pl.DataFrame,
+    source: str,
     sensors: list[str],
     quality: QualitySettings,
     report: dict[str, Any],
@@ -145,7 +146,9 @@ def _invalid_to_missing(
     }
     if any(invalid.values()):
         log.warning(
-            "%d non-finite and %d out-of-range readings (beyond %g) count as missing",
+            "%s: %d non-finite and %d out-of-range readings (beyond %g) count as "
+            "missing",
+            source,
             invalid["non_finite"],
             invalid["out_of_range"],
             limit,

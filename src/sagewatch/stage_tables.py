@@ -57,54 +57,95 @@ def read_features(uri: str) -> pl.DataFrame:
 
 
 def read_scores(uri: str) -> pl.DataFrame:
-    """Read a scores table written by ``sagewatch score`` (CSV or Parquet).
+    """Read a scores table written by ``sagewatch score`` (CSV or Parquet), sorted by
+    entity and time whatever the order of its rows and part files.
 
     Each part file is read and checked on its own, so an error names the file and
-    its CSV line or Parquet row, then the parts are joined in name order.
+    its CSV line or Parquet row; where a folder holds a CSV and a Parquet copy of
+    the same part, the Parquet one is read.
 
     Raises:
-        InputError: the table is not one ``sagewatch score`` wrote.
+        InputError: the table is not one ``sagewatch score`` wrote, or it scores an
+            entity at one timestamp twice.
     """
     from sagewatch.scoring import SCORE_COLUMNS  # loads torch
 
     what = "anomaly_scores.csv or .parquet written by `sagewatch score`"
+    files = _one_copy(uri, storage.list_files(uri))
     parts = []
-    for path in storage.list_files(_one_copy(uri)):
+    for number, path in enumerate(files):
         part = storage.read_table(path)
         require(part, path, [TIMESTAMP, ENTITY, *SCORE_COLUMNS[:4]], what)
         if part.height:
-            parts.append(_checked_scores(part, path))
+            parts.append(
+                _checked_scores(part, path).with_columns(
+                    pl.lit(number, pl.Int32).alias(_PART),
+                    pl.int_range(part.height, dtype=pl.Int64).alias(_ROW),
+                )
+            )
     if not parts:
         raise InputError(f"{uri}: the table has no rows; expected {what}")
     try:
-        return parts[0] if len(parts) == 1 else pl.concat(parts, how="diagonal_relaxed")
+        frame = pl.concat(parts, how="diagonal_relaxed")
     except pl.exceptions.PolarsError as exc:
         raise InputError(
             f"part files under {uri} do not share one schema: {exc}"
         ) from exc
+    _refuse_twice_scored(frame, files)
+    return frame.sort([ENTITY, TIMESTAMP], maintain_order=True).drop(_PART, _ROW)
+
+
+_PART, _ROW = "__part", "__row"
+
+
+def _place(path: str, row: int) -> str:
+    """Where row ``row`` (from 0) of a part file is: its CSV line or Parquet row."""
+    if path.endswith((".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")):
+        return f"{path}, line {row + 2}"  # the header is line 1
+    return f"{path}, row {row + 1}"
+
+
+def _refuse_twice_scored(frame: pl.DataFrame, files: list[str]) -> None:
+    twice = frame.filter(pl.struct(ENTITY, TIMESTAMP).is_duplicated())
+    if not twice.height:
+        return
+    first = twice.row(0, named=True)
+    same = twice.filter(
+        (pl.col(ENTITY) == first[ENTITY]) & (pl.col(TIMESTAMP) == first[TIMESTAMP])
+    )
+    a, b = (
+        _place(files[r[_PART]], r[_ROW]) for r in same.head(2).iter_rows(named=True)
+    )
+    raise InputError(
+        f"{a} and {b}: entity {first[ENTITY]!r} at {first[TIMESTAMP]} is scored "
+        f"twice ({twice.height} rows share an entity and timestamp); expected one "
+        "row per entity and timestamp (does the input hold two copies of the scores?)"
+    )
 
 
 def _checked_scores(read: pl.DataFrame, path: str) -> pl.DataFrame:
     """One part file's rows with typed columns, or an error naming the first bad
     value: a missing timestamp or entity, a score or threshold that is not a finite
     number, a flag or label that is not 0 or 1."""
-    csv = path.endswith((".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz"))
 
-    def place(row: int) -> str:  # the header is line 1 of a CSV file
-        return f"{path}, line {row + 2}" if csv else f"{path}, row {row + 1}"
+    def place(row: int) -> str:
+        return _place(path, row)
 
     stamps = to_utc(
         read[TIMESTAMP],
         locate=lambda row: f"{place(row)}, column 'timestamp'",
         expected=f"expected {ISO_EXAMPLES}, as the score stage writes them",
     )
-    entity = read[ENTITY].cast(pl.String)
-    problems = {ENTITY: (entity.is_null() | (entity.str.strip_chars() == ""), "a name")}
+    entity = read[ENTITY].cast(pl.String).str.strip_chars()  # as in raw input
+    problems = {ENTITY: (entity.is_null() | (entity == ""), "a name")}
     numbers = {}
     for column in ("anomaly_score", "threshold", "is_anomaly", "in_reference", LABEL):
         if column not in read.columns:
             continue
-        values = read[column].cast(pl.Float64, strict=False)
+        values = read[column]
+        if values.dtype == pl.String:  # padded with spaces by hand, as raw input may be
+            values = values.str.strip_chars()
+        values = values.cast(pl.Float64, strict=False)
         if column in ("anomaly_score", "threshold"):
             problems[column] = (~values.is_finite().fill_null(False), "a finite number")
         else:
@@ -128,19 +169,21 @@ def _checked_scores(read: pl.DataFrame, path: str) -> pl.DataFrame:
     )
 
 
-def _one_copy(uri: str) -> str:
-    """The Parquet file where a folder holds both copies of a scores table.
+def _one_copy(uri: str, files: list[str]) -> list[str]:
+    """``files`` without the CSV parts that have a Parquet twin.
 
-    ``sagewatch score`` writes the same rows as CSV and as Parquet; read as part
-    files, a folder holding both would count every row twice.
+    ``sagewatch score`` writes the same rows as CSV and as Parquet (``part.csv``
+    and ``part.parquet``); read as part files, both would count every row twice.
     """
-    files = storage.list_files(uri)
-    names = {f.rsplit("/", 1)[-1]: f for f in files}
-    csv, parquet = SCORES_CSV, SCORES_PARQUET
-    if len(files) > 1 and csv in names and parquet in names:
-        log.info("%s: reading %s, the Parquet copy of %s", uri, parquet, csv)
-        return names[parquet]
-    return uri
+    stems = {f.rsplit(".", 1)[0] for f in files if f.endswith(".parquet")}
+    kept = [f for f in files if not (f.endswith(".csv") and f[:-4] in stems)]
+    if len(kept) < len(files):
+        log.info(
+            "%s: reading the Parquet copy of %d CSV part files",
+            uri,
+            len(files) - len(kept),
+        )
+    return kept
 
 
 def require(frame: pl.DataFrame, uri: str, columns: list[str], what: str) -> None:

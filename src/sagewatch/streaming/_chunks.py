@@ -61,12 +61,13 @@ def entity_chunks(
     key: pl.Expr,
     chunk_rows: int,
 ) -> Iterator[Chunk]:
-    """Regroup row batches into chunks of whole entities, of about ``chunk_rows``
-    rows at most: a chunk ends before the entity that would take it past
+    """Regroup row batches of at most ``chunk_rows`` rows into chunks of whole
+    entities: a chunk ends before the entity that would take it past
     ``chunk_rows``, so memory follows the chunk size, not the entities' lengths.
 
-    An entity that reaches ``chunk_rows`` rows on its own is passed on in pieces,
-    each piece a chunk of its own.
+    An entity with ``chunk_rows`` rows still pending at the end of a batch is
+    passed on in pieces, each piece a chunk of its own; one that ends in that
+    batch goes whole. A chunk therefore holds fewer than ``2 * chunk_rows`` rows.
 
     Raises:
         NotGroupedError: an entity's rows appear again after another entity's.

@@ -9,6 +9,7 @@ falls back to it (see the notes of :mod:`sagewatch.streaming`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -92,19 +93,47 @@ def stream_features(
         if total is not None and total <= chunk_rows:
             raise _Fallback(f"{total} rows fit in one chunk of {chunk_rows}")
         _same_schema(files, data.sep)
-        with _EntityWriter(output_dir) as writer:
+        with _EntityWriter(output_dir) as writer, _held_warnings() as held:
             result = _stream_features(
                 settings, input_uri, files, writer, chunk_rows, total, progress
             )
     except (_Fallback, InputError, pl.exceptions.PolarsError) as exc:
         # Interleaved entities cost memory the user can avoid: say so aloud.
         level = logging.WARNING if isinstance(exc, NotGroupedError) else logging.INFO
-        log.log(level, "%s: not streamed (%s); validating in memory", input_uri, exc)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        log.log(level, "%s: not streamed (%s); validating in memory", input_uri, reason)
         return None
+    for record in held:  # the in-memory path gives its own after a fallback
+        logging.getLogger(record.name).handle(record)
     result.outputs = writer.outputs
     file_rows = result.quality.pop("_file_rows")
     result.inputs = [storage.file_info(f, rows=file_rows.get(f)) for f in files]
     return result
+
+
+@contextlib.contextmanager
+def _held_warnings() -> Iterator[list[logging.LogRecord]]:
+    """Hold back the warnings of validating chunks (repairs, ignored columns) until
+    streaming succeeds: after a fallback they would repeat with other counts."""
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            held.append(record)
+            return False
+        return True
+
+    loggers = [logging.getLogger(name) for name in _VALIDATION_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        for logger in loggers:
+            logger.removeFilter(hold)
+
+
+_VALIDATION_LOGGERS = ("sagewatch.quality", "sagewatch.schema", "sagewatch.timestamps")
 
 
 def _same_schema(files: list[str], sep: str | None) -> None:
