@@ -219,9 +219,13 @@ def test_line_cut_short_is_refused_not_padded(tmp_path: Path) -> None:
 def test_wrong_separator_is_refused_with_a_hint(tmp_path: Path) -> None:
     path = _file(tmp_path, "timestamp;machine_id;temp\n2024-01-01 00:00:00;m1;1.5\n")
     assert _refusal(path, sep=",") == (
-        f"{path}: timestamp column 'timestamp' not found; columns are "
-        "['timestamp;machine_id;temp'] (read as one column: is the separator ';'? "
-        "set sep); set timestamp_column"
+        f"{path}, line 1: the header holds no ',' (the sep setting) but 2 ';'; "
+        "expected columns separated by ',' (set sep to ';', or leave it unset to "
+        "detect it)"
+    )
+    quoted = _file(tmp_path, _rows(f'{_t(0)},"m 1",1,2'), "quoted.csv")
+    assert _refusal(quoted, sep="tab").startswith(
+        f"{quoted}, line 1: the header holds no '\\t' (the sep setting) but 3 ','"
     )
 
 

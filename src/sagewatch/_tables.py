@@ -55,7 +55,7 @@ def _parse_csv(uri: str, data: bytes, sep: str | None) -> pl.DataFrame:
             f"{uri}: the file is empty; expected a header row and data rows"
         )
     check_first_line(uri, data)
-    separator = sep or sniff_separator(data)
+    separator = choose_separator(uri, data, sep)
     data = _without_trailing_blank_lines(data, separator)
     _check_quotes(uri, data, separator)
     options: dict[str, Any] = {"separator": separator, "try_parse_dates": False}
@@ -203,6 +203,26 @@ def sniff_separator(data: bytes) -> str:
     """Pick the separator that splits the header line into the most columns."""
     header = data.split(b"\n", 1)[0].decode("utf-8", errors="replace")
     return max(_SEPARATORS, key=header.count)
+
+
+def choose_separator(uri: str, data: bytes, sep: str | None) -> str:
+    """``sep``, or the one the header line suggests; ``data`` may be the file's head.
+
+    Raises:
+        InputError: ``sep`` does not occur in the header line while another
+            separator does (it would read the whole line as one column).
+    """
+    sniffed = sniff_separator(data)
+    if sep is None:
+        return sniffed
+    header = data.split(b"\n", 1)[0].decode("utf-8", errors="replace")
+    if sep not in header and sniffed in header:
+        raise InputError(
+            f"{uri}, line 1: the header holds no {sep!r} (the sep setting) but "
+            f"{header.count(sniffed)} {sniffed!r}; expected columns separated by "
+            f"{sep!r} (set sep to {sniffed!r}, or leave it unset to detect it)"
+        )
+    return sep
 
 
 def parquet_rows(path: str) -> int:

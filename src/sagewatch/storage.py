@@ -399,7 +399,7 @@ def scan_table(uri: str, *, sep: str | None = None) -> pl.LazyFrame:
         else:
             head = _head(f)
             _tables.check_first_line(f, head)
-            separator = sep or _tables.sniff_separator(head)
+            separator = _tables.choose_separator(f, head, sep)
             frames.append(
                 pl.scan_csv(
                     f, separator=separator, infer_schema_length=10_000, **options
