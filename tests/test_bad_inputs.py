@@ -170,7 +170,7 @@ def test_blank_lines_at_the_end_are_ignored_inside_refused(tmp_path: Path) -> No
     assert _load(_file(tmp_path, rows + "\n\r\n\n", "end.csv")).frame.height == 2
     spaces = _file(tmp_path, rows + "   \n\t\n", "spaces.csv")  # whitespace only
     assert _load(spaces).frame.height == 2
-    commas = _file(tmp_path, rows + ",,,\n , ,,\n", "commas.csv")  # empty fields
+    commas = _file(tmp_path, rows + ',,,\n , ,,\n"",,"",\n', "commas.csv")  # empty
     assert _load(commas).frame.height == 2
     first = _file(tmp_path, "\n" + rows, "first.csv")
     assert _refusal(first) == (
@@ -213,6 +213,18 @@ def test_line_cut_short_is_refused_not_padded(tmp_path: Path) -> None:
     assert _refusal(path) == (
         f"{path}, line 3: 3 fields, the header has 4; expected one field per column "
         "(a line cut short, or the wrong separator?)"
+    )
+
+
+def test_spaces_around_column_names_are_ignored(tmp_path: Path) -> None:
+    path = _file(tmp_path, f"timestamp, machine_id, temp, vib\n{_t(0)}, m1, 1, 2\n")
+    data = _load(path)
+    assert data.sensors == ["temp", "vib"]
+    assert data.frame["machine_id"].to_list() == ["m1"]
+    clash = _file(tmp_path, f"timestamp,temp, temp\n{_t(0)},1,2\n", "clash.csv")
+    assert _refusal(clash) == (
+        f"{clash}: column ' temp' is 'temp' with spaces around it, and 'temp' is in "
+        "the header too; expected unique column names"
     )
 
 

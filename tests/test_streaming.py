@@ -209,7 +209,9 @@ def test_a_folder_of_files_streams_like_one_file(tmp_path: Path, suffix: str) ->
     ]
 
 
-@pytest.mark.parametrize("ending", ["\n", "   \n", "\n \t\n\n", ",,,,\n , ,,,\n"])
+@pytest.mark.parametrize(
+    "ending", ["\n", "   \n", "\n \t\n\n", ",,,,\n , ,,,\n", '"",,,"",\n']
+)
 def test_blank_lines_at_the_end_of_a_csv_still_stream(
     tmp_path: Path, ending: str
 ) -> None:
@@ -264,6 +266,11 @@ def test_warnings_of_an_abandoned_stream_are_not_repeated(
     assert [m for m in warned if "duplicate" in m] == [
         f"{path}: dropped 1 exact duplicate rows"
     ]
+    validated = [
+        r.getMessage() for r in caplog.records if "validated" in r.getMessage()
+    ]
+    assert len(validated) == 1
+    assert validated[0].startswith(f"validated {path}: 69 rows in, 68 rows out")
 
 
 def test_input_within_one_chunk_is_validated_in_memory(tmp_path: Path) -> None:

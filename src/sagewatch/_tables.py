@@ -81,11 +81,11 @@ def _parse_csv(uri: str, data: bytes, sep: str | None) -> pl.DataFrame:
 
 def _without_trailing_blank_lines(data: bytes, separator: str) -> bytes:
     """``data`` ending in one line break, without the lines at the end that hold
-    nothing but whitespace and separators (they are no rows)."""
+    nothing but whitespace, separators and quotes (they are no rows)."""
     sep = separator.encode()
 
     def blank(line: bytes) -> bool:
-        return not line.replace(sep, b"").strip()
+        return not line.replace(sep, b"").replace(b'"', b"").strip()
 
     end = len(data)
     while (cut := data.rfind(b"\n", 0, end)) >= 0 and blank(data[cut + 1 : end]):

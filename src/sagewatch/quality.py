@@ -55,6 +55,22 @@ def check_same_columns(frames: list[pl.DataFrame], data: DataSettings) -> None:
             )
 
 
+def strip_column_names(raw: pl.DataFrame) -> pl.DataFrame:
+    """``raw`` with spaces around its column names removed (a header written with
+    ``", "`` between names), refusing names that would then clash."""
+    renamed = {c: c.strip() for c in raw.columns if c != c.strip()}
+    if not renamed:
+        return raw
+    names = [renamed.get(c, c) for c in raw.columns]
+    for old, new in renamed.items():
+        if names.count(new) > 1:
+            raise InputError(
+                f"{raw[SOURCE][0]}: column {old!r} is {new!r} with spaces around it, "
+                f"and {new!r} is in the header too; expected unique column names"
+            )
+    return raw.rename(renamed)
+
+
 def check_column_names(raw: pl.DataFrame, data: DataSettings) -> None:
     """Refuse duplicated headers and columns that would be silently overwritten."""
     source = raw[SOURCE][0]

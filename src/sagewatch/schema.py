@@ -111,12 +111,19 @@ def validate(
     Raises:
         InputError: the table breaks the contract in a way no rule repairs.
     """
-    from sagewatch.quality import check_column_names, entity_rows, repair, summarize
+    from sagewatch.quality import (
+        check_column_names,
+        entity_rows,
+        repair,
+        strip_column_names,
+        summarize,
+    )
 
     if raw.height == 0:
         raise InputError(f"{source}: no data rows (the file is header only or empty)")
     if SOURCE not in raw.columns:
         raw = _with_position(raw, source)
+    raw = strip_column_names(raw)
     check_column_names(raw, data)
     report: dict[str, Any] = {"rows_in": raw.height, "dropped": {}, "repaired": {}}
 

@@ -14,8 +14,8 @@ Notes:
     counts of every step, constant sensors from merged minima and maxima. Where
     chunk-by-chunk validation could differ from validating the whole input, the
     stage falls back to the in-memory path (with an INFO line saying why) and
-    discards what it streamed, and the warnings its chunks raised (the in-memory
-    path gives its own). That is the case when the input fits in one chunk
+    discards what it streamed and what validating its chunks logged (the
+    in-memory path logs its own). That is the case when the input fits in one chunk
     (nothing to gain); when files differ in their columns or types, or an entity's
     rows are not contiguous; when any chunk breaks a rule (the in-memory path then
     raises the error, with its exact file, line and entity) or has a rule drop,

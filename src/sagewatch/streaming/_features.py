@@ -93,7 +93,7 @@ def stream_features(
         if total is not None and total <= chunk_rows:
             raise _Fallback(f"{total} rows fit in one chunk of {chunk_rows}")
         _same_schema(files, data.sep)
-        with _EntityWriter(output_dir) as writer, _held_warnings() as held:
+        with _EntityWriter(output_dir) as writer, _held_logs() as held:
             result = _stream_features(
                 settings, input_uri, files, writer, chunk_rows, total, progress
             )
@@ -112,16 +112,14 @@ def stream_features(
 
 
 @contextlib.contextmanager
-def _held_warnings() -> Iterator[list[logging.LogRecord]]:
-    """Hold back the warnings of validating chunks (repairs, ignored columns) until
-    streaming succeeds: after a fallback they would repeat with other counts."""
+def _held_logs() -> Iterator[list[logging.LogRecord]]:
+    """Hold back what validating chunks logs (repairs, rows in and out) until
+    streaming succeeds: after a fallback it would repeat with other counts."""
     held: list[logging.LogRecord] = []
 
     def hold(record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING:
-            held.append(record)
-            return False
-        return True
+        held.append(record)
+        return False
 
     loggers = [logging.getLogger(name) for name in _VALIDATION_LOGGERS]
     for logger in loggers:
