@@ -38,7 +38,8 @@ RESERVED = frozenset(
     {TIMESTAMP, ENTITY, LABEL, "anomaly_score", "threshold", "is_anomaly"}
     | {"top_sensor", "in_reference"}
 )
-_CSV = (".csv", ".csv.gz", ".tsv", ".txt")
+# Text tables: positions in them are lines, the header being line 1.
+CSV_SUFFIXES = (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")
 _MISSING_TEXT = ("", "nan", "na", "n/a", "null", "none")
 
 
@@ -171,7 +172,7 @@ def validate(
 
 def _with_position(frame: pl.DataFrame, source: str) -> pl.DataFrame:
     """Attach the source file and each row's line (CSV) or row number."""
-    first = 2 if str(source).endswith(_CSV) else 1
+    first = 2 if str(source).endswith(CSV_SUFFIXES) else 1
     return frame.with_columns(
         pl.lit(str(source)).alias(SOURCE),
         pl.int_range(first, frame.height + first, dtype=pl.Int64).alias(LINE),
@@ -181,7 +182,7 @@ def _with_position(frame: pl.DataFrame, source: str) -> pl.DataFrame:
 def where(frame: pl.DataFrame, index: int, column: str | None = None) -> str:
     """``file, line N, entity 'e', column 'c'`` for row ``index`` of ``frame``."""
     source = frame[SOURCE][index]
-    unit = "line" if str(source).endswith(_CSV) else "row"
+    unit = "line" if str(source).endswith(CSV_SUFFIXES) else "row"
     parts = [f"{source}, {unit} {frame[LINE][index]}"]
     if ENTITY in frame.columns:
         parts.append(f"entity {frame[ENTITY][index]!r}")

@@ -8,6 +8,7 @@ Errors name the file, the column and the CSV line or Parquet row.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import polars as pl
@@ -16,7 +17,7 @@ from sagewatch import storage
 from sagewatch.errors import InputError
 from sagewatch.features import sensors_of
 from sagewatch.reference import canonical
-from sagewatch.schema import ENTITY, LABEL, TIMESTAMP
+from sagewatch.schema import CSV_SUFFIXES, ENTITY, LABEL, TIMESTAMP
 from sagewatch.timestamps import ISO_EXAMPLES, to_utc
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ _PART, _ROW = "__part", "__row"
 
 def _place(path: str, row: int) -> str:
     """Where row ``row`` (from 0) of a part file is: its CSV line or Parquet row."""
-    if path.endswith((".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")):
+    if path.endswith(CSV_SUFFIXES):
         return f"{path}, line {row + 2}"  # the header is line 1
     return f"{path}, row {row + 1}"
 
@@ -127,10 +128,7 @@ def _checked_scores(read: pl.DataFrame, path: str) -> pl.DataFrame:
     """One part file's rows with typed columns, or an error naming the first bad
     value: a missing timestamp or entity, a score or threshold that is not a finite
     number, a flag or label that is not 0 or 1."""
-
-    def place(row: int) -> str:
-        return _place(path, row)
-
+    place = functools.partial(_place, path)
     stamps = to_utc(
         read[TIMESTAMP],
         locate=lambda row: f"{place(row)}, column 'timestamp'",

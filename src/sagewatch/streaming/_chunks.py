@@ -19,9 +19,7 @@ import polars as pl
 
 from sagewatch import storage
 from sagewatch.errors import InputError
-from sagewatch.schema import ENTITY, LINE, SOURCE, TIMESTAMP
-
-_CSV = (".csv", ".csv.gz", ".tsv", ".txt")
+from sagewatch.schema import CSV_SUFFIXES, ENTITY, LINE, SOURCE, TIMESTAMP
 
 
 class NotGroupedError(InputError):
@@ -230,7 +228,7 @@ def raw_batches(
         InputError: a file has a header but no rows, or cannot be read.
     """
     for path in files:
-        csv = path.endswith(_CSV)
+        csv = path.endswith(CSV_SUFFIXES)
         first = 2 if csv else 1
         batches = storage.collect_batches(
             storage.scan_table(path, sep=sep), path, chunk_rows
@@ -256,14 +254,22 @@ def _without_blank_tail(batches: Iterator[pl.DataFrame]) -> Iterator[pl.DataFram
     before a row stay, for the checks to refuse."""
     held: list[pl.DataFrame] = []  # the last batch with a row, then blank ones
     for batch in batches:
-        if not _is_blank(batch).all():
+        # a batch whose first row is not blank has a row: the full check is rare
+        if not (_blank_row(batch, 0) and _is_blank(batch).all()):
             yield from held
             held = []
         held.append(batch)
     if held:
-        rows = (~_is_blank(held[0])).arg_true()
-        if rows.len():
-            yield held[0].head(rows[-1] + 1)
+        last = held[0]
+        if _blank_row(last, -1):
+            rows = (~_is_blank(last)).arg_true()
+            last = last.head(rows[-1] + 1 if rows.len() else 0)
+        if last.height:
+            yield last
+
+
+def _blank_row(batch: pl.DataFrame, row: int) -> bool:
+    return bool(_is_blank(batch.slice(row, 1)).all())
 
 
 def _is_blank(batch: pl.DataFrame) -> pl.Series:

@@ -100,7 +100,7 @@ def stream_features(
     except (_Fallback, InputError, pl.exceptions.PolarsError) as exc:
         # Interleaved entities cost memory the user can avoid: say so aloud.
         level = logging.WARNING if isinstance(exc, NotGroupedError) else logging.INFO
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        reason = (str(exc).strip() or repr(exc)).splitlines()[0]
         log.log(level, "%s: not streamed (%s); validating in memory", input_uri, reason)
         return None
     for record in held:  # the in-memory path gives its own after a fallback
