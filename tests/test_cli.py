@@ -139,6 +139,26 @@ def test_two_reference_flags_are_refused(tmp_path: Path) -> None:
     assert "--train-rows and --train-fraction" in out
 
 
+def test_sensor_columns_that_name_no_column_are_refused(tmp_path: Path) -> None:
+    code, out = _invoke("run", "--sensor-columns", " , ", "--data-dir", str(tmp_path))
+    assert code == 2
+    assert "--sensor-columns ' , ' names no column" in out
+    assert not (tmp_path / "raw").exists()
+
+
+def test_model_options_are_explained_in_help() -> None:
+    code, out = _invoke("train", "--help")
+    assert code == 0
+    text = " ".join(out.split())  # help text wraps
+    for option, words in [
+        ("--epochs INTEGER", "Most training epochs"),
+        ("--batch-size INTEGER", "Training sequences per optimiser step"),
+        ("--encoding-dim INTEGER", "Width of the autoencoder's code"),
+        ("--detector [autoencoder|pca|iforest]", "Detector to fit"),
+    ]:
+        assert f"{option} {words}" in text
+
+
 def test_a_failed_run_leaves_no_manifest_of_an_earlier_run(tmp_path: Path) -> None:
     code, out = _invoke("-q", "run", "--data-dir", str(tmp_path), *SMALL)
     assert code == 0, out

@@ -196,3 +196,63 @@ def test_separator_in_config_file_is_checked(tmp_path: Path) -> None:
         load_settings(path, environ={})
     tab = load_settings(_yaml(tmp_path, "data:\n  sep: tab\n"), environ={})
     assert tab.data.sep == "\t"
+
+
+@pytest.mark.parametrize(
+    ("env", "setting"),
+    [
+        ({"EPOCHS": "yes"}, "epochs"),
+        ({"ENCODING_DIM": "on"}, "encoding_dim"),
+        ({"ROLLING_WINDOW": "off"}, "rolling_window"),
+    ],
+)
+def test_true_or_false_is_refused_for_other_settings(env: dict, setting: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{setting}: .*not true or false"):
+        load_settings(None, environ=env)
+
+
+def test_true_or_false_in_a_file_is_refused_for_a_number(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model.epochs: .*not true or false"):
+        load_settings(_yaml(tmp_path, "model:\n  epochs: true\n"), environ={})
+
+
+@pytest.mark.parametrize("prefix", ["../escaped", "/", "/abs", ".", "a//b", "a/../b"])
+def test_prefixes_must_stay_inside_their_base(prefix: str) -> None:
+    with pytest.raises(ConfigError, match=r"features_prefix: .*relative folder name"):
+        load_settings(None, environ={"FEATURES_PREFIX": prefix})
+    with pytest.raises(ConfigError, match=r"base_prefix: .*relative folder name"):
+        load_settings(None, environ={}, overrides={"base_prefix": prefix})
+
+
+def test_nested_prefixes_are_kept_without_a_trailing_slash() -> None:
+    settings = load_settings(None, environ={"FEATURES_PREFIX": "runs/7/features/"})
+    assert settings.data.features_prefix == "runs/7/features"
+
+
+@pytest.mark.parametrize(
+    ("bucket", "expected"),
+    [
+        ("s3://mybucket", "without s3://"),
+        ("Bad_Bucket!", "S3 bucket name"),
+        ("mybucket/sub", "S3 bucket name"),
+        ("ab", "S3 bucket name"),
+    ],
+)
+def test_a_malformed_bucket_is_refused_naming_the_variable(
+    bucket: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"SAGEMAKER_BUCKET.*bucket: .*{expected}"):
+        load_settings(None, environ={"SAGEMAKER_BUCKET": bucket})
+
+
+def test_a_malformed_role_is_refused_naming_the_variable() -> None:
+    with pytest.raises(ConfigError, match=r"SAGEMAKER_ROLE.*role: .*IAM role ARN"):
+        load_settings(None, environ={"SAGEMAKER_ROLE": "SageMakerRole"})
+    role = "arn:aws:iam::123456789012:role/service-role/SageMaker-Exec"
+    settings = load_settings(
+        None, environ={"SAGEMAKER_ROLE": role, "SAGEMAKER_BUCKET": "my.sensor-data"}
+    )
+    assert (settings.sagemaker.role, settings.sagemaker.bucket) == (
+        role,
+        "my.sensor-data",
+    )

@@ -10,10 +10,15 @@ import polars as pl
 import pytest
 
 from sagewatch import detector as detector_module
-from sagewatch import row_scores
+from sagewatch import row_scores, storage
 from sagewatch.config import ModelSettings, Settings
 from sagewatch.detector import Detector
-from sagewatch.errors import ArtifactError, NotFittedError, SchemaMismatchError
+from sagewatch.errors import (
+    ArtifactError,
+    NotFittedError,
+    SchemaMismatchError,
+    StorageError,
+)
 from sagewatch.features import build_features, feature_names
 from sagewatch.schema import ENTITY
 from sagewatch.scoring import score_features
@@ -272,6 +277,35 @@ def test_an_ensemble_is_saved_and_loaded_whole(kind: str, tmp_path: Path) -> Non
     assert np.array_equal(
         detector.score_rows(x, entity)[0], loaded.score_rows(x, entity)[0]
     )
+
+
+@pytest.mark.parametrize("earlier", [True, False])
+def test_a_save_whose_detector_json_fails_keeps_the_previous_detector(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, earlier: bool
+) -> None:
+    x, entity = _reference(seed=1)
+    old = _fitted("pca")
+    if earlier:
+        old.save(str(tmp_path))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    new = _fitted("pca", pca_variance=0.5)
+    write_json = storage.write_json
+
+    def refuse_metadata(uri: str, obj: object) -> storage.FileInfo:
+        if uri.endswith("detector.json"):
+            raise StorageError(f"cannot write {uri}: access denied")
+        return write_json(uri, obj)
+
+    monkeypatch.setattr(storage, "write_json", refuse_metadata)
+    with pytest.raises(StorageError, match="access denied"):
+        new.save(str(tmp_path))
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    if earlier:
+        loaded = Detector.load(str(tmp_path))
+        assert np.array_equal(
+            loaded.score_rows(x, entity)[0], old.score_rows(x, entity)[0]
+        )
 
 
 def test_load_refuses_tampered_weights(tmp_path: Path) -> None:

@@ -192,3 +192,46 @@ def test_training_from_the_feature_files_matches_the_run(
     page = (tmp_path / "evaluation" / "evaluation_report.html").read_text()
     assert "<h2>Training sample</h2>" in page
     assert "<td>training samples (seeded sample)</td><td>320 of 320</td>" in page
+
+
+def test_a_score_stage_failing_to_write_keeps_both_previous_copies(
+    tmp_path: Path, small_settings, monkeypatch
+) -> None:
+    import pytest
+
+    from sagewatch import storage
+    from sagewatch.errors import StorageError
+    from sagewatch.pipeline import (
+        stage_features,
+        stage_generate,
+        stage_score,
+        stage_train,
+    )
+    from sagewatch.stage_tables import read_scores
+
+    raw, _ = stage_generate(small_settings, str(tmp_path / "raw"))
+    features, _ = stage_features(small_settings, raw, str(tmp_path / "features"))
+    pca = small_settings.with_overrides({"detector": "pca"})
+    first, _ = stage_train(small_settings, features, str(tmp_path / "m1"))
+    second, _ = stage_train(pca, features, str(tmp_path / "m2"))
+    out = str(tmp_path / "scores")
+    stage_score(small_settings, features, first, out)
+    write_table = storage.write_table
+
+    def refuse_csv(df: pl.DataFrame, uri: str) -> storage.FileInfo:
+        if uri.endswith(".csv"):
+            raise StorageError(f"cannot write {uri}: access denied")
+        return write_table(df, uri)
+
+    monkeypatch.setattr(storage, "write_table", refuse_csv)
+    with pytest.raises(StorageError):
+        stage_score(pca, features, second, out)
+
+    assert second.threshold_ != first.threshold_
+    for copy in ("anomaly_scores.parquet", "anomaly_scores.csv"):
+        read = read_scores(f"{out}/{copy}")
+        assert read["threshold"].unique().to_list() == [first.threshold_]
+    assert sorted(p.name for p in Path(out).iterdir()) == [
+        "anomaly_scores.csv",
+        "anomaly_scores.parquet",
+    ]

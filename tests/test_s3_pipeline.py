@@ -273,3 +273,66 @@ def test_cli_verbose_output_hides_the_endpoint_user_and_password(
     assert "Traceback" in verbose.output
     assert user not in verbose.output
     assert password not in verbose.output
+
+
+def _refuse(monkeypatch: pytest.MonkeyPatch, name: str, action: str) -> None:
+    """Make ``_s3.upload`` or ``_s3.copy`` fail for keys whose file name holds
+    ``name``, as a store that refuses those keys would."""
+    real = getattr(_s3, action)
+
+    def refused(source: str, uri: str) -> None:
+        if name in uri.rsplit("/", 1)[-1]:
+            raise storage.AccessDeniedError(f"cannot write {uri}: access denied")
+        real(source, uri)
+
+    monkeypatch.setattr(_s3, action, refused)
+
+
+def test_a_stage_whose_upload_fails_leaves_its_previous_output_whole(
+    s3_bucket: str, raw_on_s3, small_settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sagewatch.pipeline import stage_features, stage_score, stage_train
+
+    _, raw_uri = raw_on_s3
+    base = f"s3://{s3_bucket}/run"
+    settings = small_settings.with_overrides({"rolling_window": 5})
+    stage_features(settings, raw_uri, f"{base}/features")
+    stage_train(settings, f"{base}/features", f"{base}/model")
+    stage_score(settings, f"{base}/features", f"{base}/model", f"{base}/scores")
+    before = _objects(s3_bucket, "run/")
+    other = small_settings.with_overrides({"rolling_window": 6, "detector": "pca"})
+
+    _refuse(monkeypatch, "machine_002", "upload")
+    with pytest.raises(storage.AccessDeniedError):
+        stage_features(other, raw_uri, f"{base}/features")
+    _refuse(monkeypatch, "detector.json", "upload")
+    with pytest.raises(storage.AccessDeniedError):
+        stage_train(other, f"{base}/features", f"{base}/model")
+    _refuse(monkeypatch, "anomaly_scores.parquet", "upload")
+    with pytest.raises(storage.AccessDeniedError):
+        stage_score(other, f"{base}/features", f"{base}/model", f"{base}/scores")
+
+    assert _objects(s3_bucket, "run/") == before  # no upload left behind either
+
+
+def test_a_copy_failing_part_way_names_the_files_already_replaced(
+    s3_bucket: str, raw_on_s3, small_settings, monkeypatch, caplog
+) -> None:
+    from sagewatch.pipeline import stage_features
+
+    _, raw_uri = raw_on_s3
+    out = f"s3://{s3_bucket}/features"
+    stage_features(small_settings, raw_uri, out)
+    _refuse(monkeypatch, "machine_002", "copy")
+
+    with pytest.raises(storage.AccessDeniedError):
+        stage_features(
+            small_settings.with_overrides({"rolling_window": 6}), raw_uri, out
+        )
+
+    assert "1 of 2 new files were put in place before the failure" in caplog.text
+    assert "features-machine_001.parquet" in caplog.text
+    assert sorted(_objects(s3_bucket, "features/")) == [
+        "features-machine_001.parquet",
+        "features-machine_002.parquet",
+    ]

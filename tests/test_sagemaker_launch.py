@@ -216,6 +216,44 @@ def test_pipeline_execution_gets_the_parameters_given(
     ]
 
 
+def test_pipeline_execution_uploads_a_local_input_parameter(
+    settings, raw_dir, client, bundle, s3_bucket
+) -> None:
+    plan = workflow.plan_pipeline(
+        settings, bundle=bundle, parameters={"InputDataUri": str(raw_dir)}
+    )
+    result = launch.submit_pipeline(plan, client=client, wait=False)
+
+    raw = plan.uploads[-1]
+    prefix = raw.uri.split(f"s3://{s3_bucket}/")[1]
+    assert _keys(s3_bucket, prefix) == [
+        f"{prefix}{p.name}" for p in sorted(raw_dir.iterdir())
+    ]
+    sent = client.list_pipeline_parameters_for_execution(
+        PipelineExecutionArn=result["PipelineExecutionArn"]
+    )["PipelineParameters"]
+    assert sent == [{"Name": "InputDataUri", "Value": raw.uri}]
+
+
+def test_features_job_uploads_local_label_windows(
+    settings, client, bundle, s3_bucket, tmp_path
+) -> None:
+    windows = tmp_path / "windows.json"
+    windows.write_text('{"m.csv": [["2024-01-01", "2024-01-02"]]}', encoding="utf-8")
+    local = settings.with_overrides({"label_windows": str(windows)})
+    plan = plans.plan_features(local, job_name="sw-features-5", bundle=bundle)
+
+    launch.submit_job(plan, client=client, wait=False)
+
+    uri = plan.uploads[-1].uri
+    assert _body(s3_bucket, uri.split(f"s3://{s3_bucket}/")[1]) == (
+        windows.read_bytes()
+    )
+    described = client.describe_processing_job(ProcessingJobName="sw-features-5")
+    arguments = described["AppSpecification"]["ContainerArguments"]
+    assert f"label_windows={json.dumps(uri)}" in arguments
+
+
 def test_cli_submits_features_without_waiting(
     settings, raw_dir, s3_bucket, monkeypatch
 ) -> None:

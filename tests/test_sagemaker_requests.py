@@ -371,13 +371,53 @@ def test_cli_pipeline_plan_without_start_lists_no_execution(monkeypatch) -> None
             ["--param", "ProcessingInstanceCount=1.5"],
             "pipeline parameter 'ProcessingInstanceCount': expected integer, got '1.5'",
         ),
+        (
+            ["--param", "Epochs=0"],
+            "invalid configuration from pipeline parameter 'Epochs': model.epochs: "
+            "Input should be greater than or equal to 1 (got 0)",
+        ),
+        (
+            ["--param", "Epochs=-3"],
+            "invalid configuration from pipeline parameter 'Epochs': model.epochs: "
+            "Input should be greater than or equal to 1 (got -3)",
+        ),
+        (
+            ["--param", "ProcessingInstanceCount=0"],
+            "invalid configuration from pipeline parameter 'ProcessingInstanceCount': "
+            "sagemaker.processing_instance_count: Input should be greater than or "
+            "equal to 1 (got 0)",
+        ),
+        (
+            ["--param", "TrainingInstanceType=ml.m5.xlarg"],
+            "pipeline parameter 'TrainingInstanceType': 'ml.m5.xlarg' is not a "
+            "SageMaker training instance type; expected one of the 225 values of "
+            "TrainingInstanceType in botocore's SageMaker service model, e.g. "
+            "ml.m5.xlarge, ml.c5.2xlarge, ml.g4dn.xlarge (newer types need a newer "
+            "botocore); did you mean ml.m5.xlarge?",
+        ),
+        (
+            ["--param", "InputDataUri=s3://"],
+            "pipeline parameter 'InputDataUri': expected an s3://bucket/prefix/ URI "
+            "or a local path to upload, got 's3://'",
+        ),
         (["--param", "Epochs"], "--param 'Epochs': expected NAME=VALUE"),
         (
             ["--no-start", "--param", "Epochs=3"],
             "--param sets an execution's parameters; --no-start starts none",
         ),
     ],
-    ids=["unknown", "not-integer", "fraction", "no-equals", "no-start"],
+    ids=[
+        "unknown",
+        "not-integer",
+        "fraction",
+        "zero-epochs",
+        "negative-epochs",
+        "zero-instances",
+        "unknown-instance-type",
+        "no-bucket",
+        "no-equals",
+        "no-start",
+    ],
 )
 def test_cli_pipeline_refuses_bad_parameters_in_one_line(
     monkeypatch, args: list[str], expected: str
@@ -386,6 +426,25 @@ def test_cli_pipeline_refuses_bad_parameters_in_one_line(
     assert result.exit_code == 2, result.output
     assert result.stderr == f"error: {expected}\n"
     assert result.stdout == ""
+
+
+def test_cli_pipeline_uploads_a_local_input_parameter(
+    monkeypatch, tmp_path: Path
+) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "pump.csv").write_text("timestamp,t\n2024-01-01,1\n", encoding="utf-8")
+
+    result = _pipeline_plan(monkeypatch, "--param", f"InputDataUri={raw}")
+
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    upload = plan["uploads"][1]
+    assert upload["source"] == str(raw)
+    assert upload["uri"].startswith("s3://sagewatch-bucket/sagewatch/uploads/")
+    assert plan["requests"][1]["request"]["PipelineParameters"] == [
+        {"Name": "InputDataUri", "Value": upload["uri"]}
+    ]
 
 
 def test_float_parameters_are_checked_as_numbers() -> None:
@@ -425,3 +484,233 @@ def test_cli_help_imports_no_aws_code() -> None:
         env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
     )
     assert "HEAVY []" in done.stdout, done.stdout + done.stderr
+
+
+# ------------------------------------------------------------------- label windows
+
+
+def _windows_file(tmp_path: Path) -> Path:
+    path = tmp_path / "windows.json"
+    path.write_text('{"pump.csv": [["2024-01-01", "2024-01-02"]]}', encoding="utf-8")
+    return path
+
+
+def test_local_label_windows_are_uploaded_and_passed_as_s3(
+    settings, bundle, tmp_path: Path
+) -> None:
+    windows = _windows_file(tmp_path)
+    local = settings.with_overrides({"label_windows": str(windows)})
+
+    plan = plans.plan_features(local, job_name="f-1", bundle=bundle)
+
+    upload = plan.uploads[-1]
+    assert upload.data == windows.read_bytes()
+    assert upload.uri == (
+        f"s3://sagewatch-bucket/sagewatch/uploads/{upload.sha256[:16]}/windows.json"
+    )
+    arguments = plan.request["AppSpecification"]["ContainerArguments"]
+    assert f"label_windows={json.dumps(upload.uri)}" in arguments
+    assert str(windows) not in json.dumps(plan.request)
+    steps = workflow.plan_pipeline(local, bundle=bundle)
+    assert upload in steps.uploads
+    features = steps.definition["Steps"][0]["Arguments"]["AppSpecification"]
+    assert f"label_windows={json.dumps(upload.uri)}" in features["ContainerArguments"]
+
+
+def test_s3_label_windows_are_passed_as_given(settings, bundle) -> None:
+    uri = "s3://sagewatch-bucket/labels/windows.json"
+    plan = plans.plan_features(
+        settings.with_overrides({"label_windows": uri}), job_name="f-1", bundle=bundle
+    )
+    assert len(plan.uploads) == 1  # the code only
+    arguments = plan.request["AppSpecification"]["ContainerArguments"]
+    assert f"label_windows={json.dumps(uri)}" in arguments
+
+
+def test_cli_plan_shows_the_planned_label_windows_uri(
+    monkeypatch, tmp_path: Path
+) -> None:
+    _account(monkeypatch)
+    windows = _windows_file(tmp_path)
+    result = CliRunner().invoke(
+        main,
+        [
+            "sagemaker",
+            "features",
+            "--plan",
+            "--input",
+            "s3://sagewatch-bucket/raw/",
+            "--label-windows",
+            str(windows),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    upload = plan["uploads"][-1]
+    assert upload["source"] == str(windows)
+    arguments = plan["requests"][0]["request"]["AppSpecification"]
+    assert (
+        f"label_windows={json.dumps(upload['uri'])}" in arguments["ContainerArguments"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "code", "expected"),
+    [
+        (None, 4, "cannot read"),
+        ("{not json", 4, "label_windows {path}: not valid JSON"),
+    ],
+    ids=["missing", "not-json"],
+)
+def test_cli_refuses_unreadable_label_windows_in_one_line(
+    monkeypatch, tmp_path: Path, content, code: int, expected: str
+) -> None:
+    _account(monkeypatch)
+    path = tmp_path / "windows.json"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    result = CliRunner().invoke(
+        main, ["sagemaker", "features", "--plan", "--label-windows", str(path)]
+    )
+    assert result.exit_code == code, result.output
+    assert result.stderr.startswith("error: ")
+    assert expected.format(path=path) in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+# ----------------------------------------------------------------- instance types
+
+
+@pytest.mark.parametrize(
+    ("command", "kind"),
+    [("features", "processing"), ("train", "training"), ("pipeline", "processing")],
+)
+def test_cli_unknown_instance_type_gets_a_short_line(
+    monkeypatch, command: str, kind: str
+) -> None:
+    _account(monkeypatch)
+    flag = "--processing-instance-type" if command == "pipeline" else "--instance-type"
+    result = CliRunner().invoke(main, ["sagemaker", command, "--plan", flag, "foo"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(
+        f"error: {kind}_instance_type: 'foo' is not a SageMaker {kind} instance "
+        "type; expected one of the "
+    )
+    assert "e.g. ml.m5.xlarge" in result.stderr
+    assert "botocore's SageMaker service model" in result.stderr
+    assert len(result.stderr) < 400
+    assert result.stdout == ""
+
+
+def test_long_enumerations_are_summarised_short_ones_listed(settings, bundle):
+    request = plans.plan_features(settings, job_name="f-1", bundle=bundle).request
+    cluster = request["ProcessingResources"]["ClusterConfig"]
+    resources = {"ClusterConfig": {**cluster, "InstanceType": "ml.nope"}}
+    with pytest.raises(ConfigError) as refused:
+        validate_request(
+            "CreateProcessingJob", {**request, "ProcessingResources": resources}
+        )
+    assert "'ml.nope' is not one of the 207 values of ProcessingInstanceType" in str(
+        refused.value
+    )
+    assert len(str(refused.value)) < 300
+    output = request["ProcessingOutputConfig"]["Outputs"][0]
+    bad = {**output, "S3Output": {**output["S3Output"], "S3UploadMode": "Later"}}
+    with pytest.raises(ConfigError, match=r"'Later' is not one of \['Continuous', "):
+        validate_request(
+            "CreateProcessingJob",
+            {**request, "ProcessingOutputConfig": {"Outputs": [bad]}},
+        )
+
+
+# ----------------------------------------------------------------------- profiles
+
+
+def _account(monkeypatch) -> None:
+    monkeypatch.setenv("SAGEMAKER_ROLE", ROLE)
+    monkeypatch.setenv("SAGEMAKER_BUCKET", "sagewatch-bucket")
+    monkeypatch.setenv("SAGEMAKER_IMAGE_URI", IMAGE)
+
+
+@pytest.fixture
+def missing_profile(monkeypatch, tmp_path: Path) -> None:
+    """AWS_PROFILE names a profile the (empty) AWS config does not have.
+
+    The endpoint is a closed loopback port, so nothing could leave the machine.
+    The service model is loaded afresh, as in a new process.
+    """
+    from sagewatch.sagemaker.validation import service_model
+
+    service_model.cache_clear()
+    for name in ("config", "credentials"):
+        (tmp_path / name).write_text("", encoding="utf-8")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_PROFILE", "nosuchprofile")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID"):
+        monkeypatch.delenv(name, raising=False)
+    _account(monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--plan"],
+        ["train", "--no-wait"],
+        ["score", "--plan", "--training-job-name", "t-1"],
+        ["score", "--training-job-name", "t-1"],
+        ["pipeline", "--plan"],
+    ],
+    ids=["train-plan", "train-submit", "score-plan", "score-submit", "pipeline-plan"],
+)
+@pytest.mark.parametrize("region", [None, "us-east-1"], ids=["no-region", "region"])
+def test_a_missing_profile_is_one_line_with_exit_4(
+    missing_profile, monkeypatch, args: list[str], region: str | None
+) -> None:
+    if region:
+        monkeypatch.setenv("SAGEMAKER_REGION", region)
+    result = CliRunner().invoke(main, ["sagemaker", *args])
+    if region and "--plan" in args:
+        # The region is given: --plan looks up no profile at all.
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["placeholders"] == []
+        return
+    assert result.exit_code == 4, result.output
+    assert result.stderr.count("\n") == 1
+    assert "The config profile (nosuchprofile) could not be found" in result.stderr
+    assert "check AWS_PROFILE and ~/.aws/config" in result.stderr
+
+
+def test_aws_region_alone_sets_the_region(monkeypatch, settings, bundle) -> None:
+    from sagewatch.sagemaker import launch
+
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    plan = plans.plan_training(settings, job_name="t-1", bundle=bundle)
+    assert plan.request["HyperParameters"]["sagemaker_region"] == '"eu-west-1"'
+    assert launch.sagemaker_client(None).meta.region_name == "eu-west-1"
+
+
+# ------------------------------------------------------------------------- README
+
+
+def test_readme_says_how_the_pipeline_plan_differs_from_what_is_sent(
+    settings, bundle
+) -> None:
+    """Guards the README's --plan wording against the plan's actual shape."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Run on SageMaker", 1)[1].split("\n## ", 1)[0]
+    assert "prints its exact requests" not in section
+    assert "`ClientRequestToken`" in section
+
+    pipeline = workflow.plan_pipeline(settings, bundle=bundle)
+    create = pipeline.to_dict()["requests"][0]["request"]
+    assert create["PipelineDefinition"] == pipeline.definition  # an object here
+    text = workflow.definition_text(create["PipelineDefinition"])
+    assert {**create, "PipelineDefinition": text} == pipeline.request
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    for operation in ("CreatePipeline", "StartPipelineExecution"):
+        members = model.operation_model(operation).input_shape.members
+        assert members["ClientRequestToken"].metadata["idempotencyToken"]
+    assert "ClientRequestToken" not in json.dumps(pipeline.to_dict()["requests"])

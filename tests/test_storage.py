@@ -503,3 +503,73 @@ def test_invalid_json_is_a_storage_error(tmp_path: Path) -> None:
 def test_s3_uri_without_bucket_is_refused() -> None:
     with pytest.raises(StorageError, match="has no bucket name"):
         storage.read_bytes("s3:///key")
+
+
+def test_aws_region_is_read_though_botocore_does_not(
+    s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+    assert _s3.region() == "eu-west-1"
+    assert storage.s3_client().meta.region_name == "eu-west-1"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("AWS_ENDPOINT_URL", "127.0.0.1:9000", "AWS_ENDPOINT_URL='127.0.0.1:9000' is"),
+        ("AWS_ENDPOINT_URL_S3", "localhost", "AWS_ENDPOINT_URL_S3='localhost' is"),
+        ("AWS_MAX_ATTEMPTS", "abc", "AWS_MAX_ATTEMPTS='abc' is not a whole number"),
+    ],
+)
+def test_malformed_aws_variables_are_storage_errors(
+    s3_bucket: str, monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected
+) -> None:
+    monkeypatch.setenv(name, value)
+
+    with pytest.raises(StorageError, match=expected):
+        storage.read_bytes(f"s3://{s3_bucket}/x.txt")
+
+
+def test_a_missing_profile_is_a_storage_error(
+    s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+
+    with pytest.raises(StorageError, match="no-such-profile"):
+        storage.list_files(f"s3://{s3_bucket}/raw/")
+
+
+def test_a_folder_marker_object_is_not_read_as_a_file(s3_bucket: str) -> None:
+    client = _s3.client()
+    client.put_object(Bucket=s3_bucket, Key="raw/", Body=b"")
+    storage.write_table(FRAME, f"s3://{s3_bucket}/raw/m1.csv")
+
+    assert storage.list_files(f"s3://{s3_bucket}/raw/") == [
+        f"s3://{s3_bucket}/raw/m1.csv"
+    ]
+    assert storage.read_table(f"s3://{s3_bucket}/raw/").height == 3
+
+
+def test_an_empty_object_is_refused_as_an_empty_file(s3_bucket: str) -> None:
+    _s3.client().put_object(Bucket=s3_bucket, Key="empty/a.csv", Body=b"")
+
+    with pytest.raises(InputError, match=r"empty/a.csv: the file is empty"):
+        storage.scan_table(f"s3://{s3_bucket}/empty/")
+
+
+@pytest.mark.parametrize("on_s3", [False, True])
+def test_stale_parts_are_removed_only_from_the_folder_itself(
+    tmp_path: Path, s3_bucket: str, on_s3: bool
+) -> None:
+    base = f"s3://{s3_bucket}/out" if on_s3 else str(tmp_path / "out")
+    keep = storage.write_table(FRAME, storage.join(base, "features-a.parquet")).uri
+    old = storage.write_table(FRAME, storage.join(base, "features-b.parquet")).uri
+    archived = storage.join(base, "archive", "features-2023.parquet")
+    storage.write_table(FRAME, archived)
+
+    removed = storage.remove_stale(base, stem="features", keep=[keep])
+
+    assert removed == [old]
+    assert storage.list_files(base) == sorted([keep, archived])

@@ -150,6 +150,23 @@ def test_fit_autoencoder_stops_early_without_improvement() -> None:
 
     assert summary["best_epoch"] == 1
     assert summary["epochs_run"] == 3
+    assert not summary["stopped_at_epoch_limit"] and not summary["still_improving"]
+
+
+def test_a_run_to_the_epoch_limit_says_so_and_whether_it_still_improved() -> None:
+    z, train, val = _data()
+    stuck = ModelSettings(
+        **{**SMALL, "epochs": 3, "patience": 5, "learning_rate": 1e-12}
+    )
+    learning = ModelSettings(**{**SMALL, "epochs": 3, "patience": 5})
+
+    _, flat = fit_autoencoder(_build, z, train, val, stuck, seed=0)
+    _, falling = fit_autoencoder(_build, z, train, val, learning, seed=0)
+
+    assert flat["epochs_run"] == 3 and flat["best_epoch"] == 1
+    assert flat["stopped_at_epoch_limit"] and not flat["still_improving"]
+    assert falling["best_epoch"] == 3
+    assert falling["stopped_at_epoch_limit"] and falling["still_improving"]
 
 
 def test_fit_detector_needs_reference_rows() -> None:

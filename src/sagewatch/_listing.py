@@ -15,9 +15,17 @@ from pathlib import Path
 from sagewatch import _s3
 
 
-def _visible(name: str, suffixes: tuple[str, ...]) -> bool:
+def _visible(name: str, suffixes: tuple[str, ...], below: str | None = None) -> bool:
+    """A table file to list: ``name`` ends in a suffix, and neither its own name
+    nor a folder between ``below`` and it is hidden or temporary (a stage's
+    uploads wait in a hidden folder until they are copied into place)."""
     base = name.rstrip("/").rsplit("/", 1)[-1]
-    return not base.startswith(".") and ".tmp-" not in base and base.endswith(suffixes)
+    if base.startswith(".") or ".tmp-" in base or not base.endswith(suffixes):
+        return False
+    if below is None:  # a local glob: its wildcards skip hidden folders already
+        return True
+    inner = name.removeprefix(below)
+    return not any(part.startswith(".") for part in inner.split("/")[:-1])
 
 
 def _is_glob(text: str) -> bool:
@@ -38,7 +46,8 @@ def local(uri: str, suffixes: tuple[str, ...]) -> list[str]:
         return sorted(
             str(p)
             for p in path.rglob("*")
-            if p.is_file() and _visible(p.name, suffixes)
+            if p.is_file()
+            and _visible(p.relative_to(path).as_posix(), suffixes, below="")
         )
     return []
 
@@ -49,19 +58,20 @@ def s3(uri: str, suffixes: tuple[str, ...]) -> list[str]:
         prefix = re.split(r"[*?\[]", key, maxsplit=1)[0]
         pattern = _glob_regex(key)
         keys = _s3.keys(f"s3://{bucket}/{prefix}")
+        below = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
         return [
             f"s3://{bucket}/{k}"
             for k in keys
-            if pattern.fullmatch(k) and _visible(k, suffixes)
+            if pattern.fullmatch(k) and _visible(k, suffixes, below)
         ]
     keys = _s3.keys(uri)
-    if key in keys:
+    if key in keys and not key.endswith("/"):  # "raw/" may be a folder marker
         return [uri]
     folder = key.rstrip("/") + "/" if key else ""
     return [
         f"s3://{bucket}/{k}"
         for k in keys
-        if k.startswith(folder) and _visible(k, suffixes)
+        if k.startswith(folder) and _visible(k, suffixes, folder)
     ]
 
 

@@ -89,13 +89,69 @@ def _connection() -> tuple[Any, Any]:
 def _new_connection(_state: str) -> tuple[Any, Any]:
     import boto3
     from botocore.config import Config
+    from botocore.exceptions import BotoCoreError
 
-    session = boto3.session.Session()
-    config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S)
-    s3 = session.client(
-        "s3", region_name=session.region_name or "us-east-1", config=config
-    )
+    _check_environment()
+    try:
+        session = boto3.session.Session()
+        config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S)
+        s3 = session.client(
+            "s3", region_name=region(session) or "us-east-1", config=config
+        )
+    except BotoCoreError as exc:  # e.g. a profile that does not exist
+        raise StorageError(
+            redact(
+                f"cannot set up the S3 client: {exc}; check AWS_PROFILE and "
+                "~/.aws/config"
+            )
+        ) from exc
+    except ValueError as exc:
+        raise StorageError(
+            redact(f"cannot set up the S3 client: {exc}; check the AWS_* variables")
+        ) from exc
     return session, s3
+
+
+def _check_environment() -> None:
+    """Refuse AWS variables botocore would fail on with a bare ValueError."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        url = os.environ.get(name)
+        if url and not re.match(r"https?://[^/]", url):
+            raise StorageError(
+                f"{name}={_public(url)!r} is not a URL; expected one that starts "
+                "with http:// or https://, such as http://127.0.0.1:9000"
+            )
+    attempts = os.environ.get("AWS_MAX_ATTEMPTS")
+    if attempts and not attempts.strip().isdigit():
+        raise StorageError(
+            f"AWS_MAX_ATTEMPTS={attempts!r} is not a whole number; expected the "
+            "number of attempts per request, such as 5"
+        )
+
+
+def region(session: Any = None) -> str | None:
+    """The AWS region in use: ``AWS_REGION``, else botocore's own lookup
+    (``AWS_DEFAULT_REGION``, the profile's ``region``), else None.
+
+    botocore itself does not read ``AWS_REGION``, which other AWS SDKs and the
+    SageMaker containers set.
+    """
+    if os.environ.get("AWS_REGION"):
+        return os.environ["AWS_REGION"]
+    if session is not None:
+        return session.region_name
+    import boto3
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        return boto3.session.Session().region_name
+    except BotoCoreError as exc:  # e.g. a profile that does not exist
+        raise StorageError(
+            redact(
+                f"cannot look up the AWS region: {exc}; check AWS_PROFILE and "
+                "~/.aws/config"
+            )
+        ) from exc
 
 
 def endpoint() -> str:
@@ -268,9 +324,19 @@ def exists(uri: str) -> bool:
 def get(uri: str, *, first_bytes: int | None = None) -> bytes:
     """The whole object, or only its first ``first_bytes`` bytes."""
     bucket, key = split(uri)
+    from botocore.exceptions import ClientError
+
     extra = {"Range": f"bytes=0-{first_bytes - 1}"} if first_bytes else {}
     with errors(uri, "read"):
-        return client().get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
+        try:
+            return client().get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
+        except ClientError as exc:
+            if (
+                first_bytes
+                and exc.response.get("Error", {}).get("Code") == "InvalidRange"
+            ):
+                return b""  # S3's answer to a range read of an empty object
+            raise
 
 
 def digest(uri: str) -> tuple[int, str]:
@@ -302,6 +368,34 @@ def upload(local: str, uri: str) -> None:
     with errors(uri, "write"):
         client().upload_file(local, bucket, key, Config=transfer_config())
     log.debug("wrote %s", uri)
+
+
+def copy(source: str, uri: str) -> None:
+    """Copy an object within the store (server-side; in parts when large)."""
+    bucket, key = split(uri)
+    source_bucket, source_key = split(source)
+    with errors(uri, "write"):
+        client().copy(
+            {"Bucket": source_bucket, "Key": source_key},
+            bucket,
+            key,
+            Config=transfer_config(),
+        )
+    log.debug("copied %s to %s", source, uri)
+
+
+def delete(uris: list[str]) -> None:
+    """Delete objects of one bucket, a thousand per request."""
+    if not uris:
+        return
+    bucket = split(uris[0])[0]
+    keys = [split(u)[1] for u in uris]
+    with errors(uris[0], "delete"):
+        for start in range(0, len(keys), 1000):
+            client().delete_objects(
+                Bucket=bucket,
+                Delete={"Objects": [{"Key": k} for k in keys[start : start + 1000]]},
+            )
 
 
 def download(uri: str, local: str) -> None:

@@ -50,10 +50,6 @@ def _parse_csv(uri: str, data: bytes, sep: str | None) -> pl.DataFrame:
         data = data[3:]
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise InputError(f"{uri}: the file is UTF-16 text; expected UTF-8")
-    if not data.strip():
-        raise InputError(
-            f"{uri}: the file is empty; expected a header row and data rows"
-        )
     check_first_line(uri, data)
     separator = choose_separator(uri, data, sep)
     data = _without_trailing_blank_lines(data, separator)
@@ -94,10 +90,15 @@ def _without_trailing_blank_lines(data: bytes, separator: str) -> bytes:
 
 
 def check_first_line(uri: str, data: bytes) -> None:
-    """Refuse a file whose first line is blank: the header must be line 1, or every
-    line number in later messages would be off. ``data`` may be the file's head."""
+    """Refuse an empty file, or one whose first line is blank: the header must be
+    line 1, or every line number in later messages would be off. ``data`` may be
+    the file's head."""
+    if not data.strip():
+        raise InputError(
+            f"{uri}: the file is empty; expected a header row and data rows"
+        )
     first = data.removeprefix(b"\xef\xbb\xbf").split(b"\n", 1)[0]
-    if data.strip() and not first.strip():  # an empty file is refused elsewhere
+    if not first.strip():
         raise InputError(
             f"{uri}, line 1: the line is blank; expected the header row (remove "
             "blank lines before it)"

@@ -75,10 +75,48 @@ def save(
         "versions": _versions(),
         **(extra or {}),
     }
-    infos = [storage.write_bytes(storage.join(uri, WEIGHTS), weights)]
-    infos.append(storage.write_json(storage.join(uri, METADATA), meta))
+    target = storage.join(uri, WEIGHTS)
+    previous = _current(target)
+    try:
+        with storage.replacing(uri):
+            infos = [storage.write_bytes(target, weights)]
+            infos.append(storage.write_json(storage.join(uri, METADATA), meta))
+    except Exception:
+        _put_back(target, previous)
+        raise
     log.info("saved %s detector to %s", detector.settings.detector, uri)
     return infos
+
+
+def _current(weights_uri: str) -> bytes | None:
+    """The weights at ``weights_uri`` now (None when there are none)."""
+    try:
+        return storage.read_bytes(weights_uri, record=False)
+    except storage.NotFoundError:
+        return None
+
+
+def _put_back(weights_uri: str, previous: bytes | None) -> None:
+    """Undo the weights half of a save that failed after replacing them, so the
+    previous detector stays whole (its ``detector.json`` was not replaced)."""
+    try:
+        if _current(weights_uri) == previous:
+            return  # the save failed before the weights were replaced
+        if previous is None:
+            storage.remove(weights_uri)
+        else:
+            storage.write_bytes(weights_uri, previous)
+    except storage.StorageError as exc:
+        log.error(
+            "%s: could not put the previous weights back (%s); the folder holds the "
+            "new weights and the previous %s, which `score` refuses by checksum: "
+            "train again",
+            weights_uri,
+            exc,
+            METADATA,
+        )
+    else:
+        log.warning("%s not written; %s put back as it was", METADATA, weights_uri)
 
 
 def load(build: Callable[[ModelSettings], Detector], uri: str) -> Detector:

@@ -144,13 +144,29 @@ reference_options = options(
         default=None,
         help="Reference period: first share of each entity (default 0.5).",
     ),
-    click.option("--epochs", type=int, default=None),
-    click.option("--batch-size", type=int, default=None),
-    click.option("--encoding-dim", type=int, default=None),
+    click.option(
+        "--epochs",
+        type=int,
+        default=None,
+        help="Most training epochs; early stopping may end sooner (default 60).",
+    ),
+    click.option(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="Training sequences per optimiser step (default 128).",
+    ),
+    click.option(
+        "--encoding-dim",
+        type=int,
+        default=None,
+        help="Width of the autoencoder's code (default: half the features).",
+    ),
     click.option(
         "--detector",
         type=click.Choice(["autoencoder", "pca", "iforest"]),
         default=None,
+        help="Detector to fit (default autoencoder).",
     ),
 )
 
@@ -172,8 +188,12 @@ def overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
     if len(rules) > 1:
         given = " and ".join("--" + r.replace("_", "-") for r in rules)
         raise ConfigError(f"{given} both given; choose one reference period rule")
-    if out.get("sensor_columns"):
-        out["sensor_columns"] = [
-            c.strip() for c in out["sensor_columns"].split(",") if c.strip()
-        ]
+    if out.get("sensor_columns") is not None:
+        given = out["sensor_columns"]
+        out["sensor_columns"] = [c.strip() for c in given.split(",") if c.strip()]
+        if not out["sensor_columns"]:
+            raise ConfigError(
+                f"--sensor-columns {given!r} names no column; expected column names "
+                "separated by commas (leave the option out for every numeric column)"
+            )
     return out

@@ -71,7 +71,8 @@ def _job_name_option(stage: str) -> Decorator:
 def sagemaker_group() -> None:
     """Run the stages as SageMaker jobs or as a SageMaker Pipeline.
 
-    Every command takes --plan: print the exact requests as JSON and call nothing.
+    Every command takes --plan: print the requests as JSON and call nothing (a
+    pipeline's definition appears as an object; boto3 adds a ClientRequestToken).
     Without it the command uploads code and inputs, submits, and follows the job
     until it ends (--no-wait: return once submitted).
     """
@@ -281,7 +282,8 @@ def sagemaker_score(
     multiple=True,
     metavar="NAME=VALUE",
     help="Override a declared pipeline parameter for this execution "
-    "(repeatable; the name and type are checked).",
+    "(repeatable; checked like the setting it stands for; a local InputDataUri "
+    "is uploaded like --input).",
 )
 @click.option("--no-start", is_flag=True, help="Create or update only.")
 @_sagemaker_options

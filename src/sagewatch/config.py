@@ -10,6 +10,7 @@ the key.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -48,6 +50,31 @@ ENV_VARS: dict[str, str] = {
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_truth_values_for_others(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse true/false for a setting that is not one (pydantic would read
+        ``epochs: yes`` as 1)."""
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if bool not in set(get_args(annotation) or (annotation,)):
+                raise ValueError(
+                    "expected a value of the setting's type, not true or false "
+                    "(yes, no, on and off are read as true or false)"
+                )
+        return value
+
+
+def _check_prefix(value: str) -> str:
+    """A relative folder or key prefix, ``a`` or ``a/b``, that stays inside its base."""
+    parts = value.rstrip("/").split("/")
+    if value.startswith("/") or any(p in {"", ".", ".."} for p in parts):
+        raise ValueError(
+            "expected a relative folder name such as features or runs/features "
+            "(no leading /, no empty, . or .. parts)"
+        )
+    return value.rstrip("/")
+
 
 class DataSettings(_Section):
     """How an input table maps onto the schema, and where stage outputs go."""
@@ -57,7 +84,7 @@ class DataSettings(_Section):
     timestamp_format: str | None = None
     entity_column: str | None = "machine_id"
     label_column: str | None = "anomaly"
-    sensor_columns: list[str] | None = None
+    sensor_columns: list[str] | None = Field(default=None, min_length=1)
     passthrough_columns: list[str] = Field(
         default_factory=lambda: ["changepoint", "anomaly_kind"]
     )
@@ -83,6 +110,17 @@ class DataSettings(_Section):
                 "(\\t or tab for a tab)"
             )
         return value
+
+    @field_validator(
+        "raw_data_prefix",
+        "features_prefix",
+        "model_prefix",
+        "scores_prefix",
+        "evaluation_prefix",
+    )
+    @classmethod
+    def _relative_prefix(cls, value: str) -> str:
+        return _check_prefix(value)
 
     @field_validator("timezone")
     @classmethod
@@ -230,6 +268,37 @@ class SageMakerSettings(_Section):
     pipeline_name: str = "sagewatch"
     cache_expire_after: str | None = "P30D"
     poll_seconds: int = Field(default=30, ge=1)
+
+    @field_validator("base_prefix")
+    @classmethod
+    def _relative_prefix(cls, value: str) -> str:
+        return _check_prefix(value)
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if value.startswith("s3://"):
+            raise ValueError("expected the bucket's name alone, without s3://")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", value):
+            raise ValueError(
+                "expected an S3 bucket name: 3 to 63 lower-case letters, digits, "
+                "dots and hyphens, starting and ending with a letter or digit"
+            )
+        return value
+
+    @field_validator("role")
+    @classmethod
+    def _role_arn(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.fullmatch(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+", value):
+            raise ValueError(
+                "expected an IAM role ARN such as "
+                "arn:aws:iam::123456789012:role/SageMakerRole"
+            )
+        return value
 
 
 _SECTIONS: dict[str, type[_Section]] = {

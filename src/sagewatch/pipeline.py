@@ -90,9 +90,10 @@ def stage_generate(settings: Settings, output_dir: str) -> tuple[str, StageRecor
             seed=settings.model.seed,
             reference_fraction=settings.reference.train_fraction,
         )
-        infos = storage.write_partitioned(
-            frame, output_dir, by="machine_id", stem=RAW_STEM, suffix=".csv"
-        )
+        with storage.replacing(output_dir):
+            infos = storage.write_partitioned(
+                frame, output_dir, by="machine_id", stem=RAW_STEM, suffix=".csv"
+            )
         storage.remove_stale(output_dir, stem=RAW_STEM, keep=[i.uri for i in infos])
     record = StageRecord(
         "generate",
@@ -119,7 +120,11 @@ def stage_features(
     result, and the features then come back as the URI of ``output_dir``;
     otherwise (and for a ``dataset`` already in memory) they come back as a table.
     """
-    with Timer() as timer, storage.track_reads() as reads:
+    with (
+        Timer() as timer,
+        storage.track_reads() as reads,
+        storage.replacing(output_dir),
+    ):
         streamed = None
         if dataset is None:
             streamed = streaming.stream_features(
@@ -147,6 +152,7 @@ def stage_features(
             infos = streaming.write_features(out, output_dir)
             quality, sensors, rows_out = data.quality, data.sensors, out.height
             inputs = as_dicts(reads) if dataset is None else describe_inputs(input_uri)
+    with Timer() as cleanup:  # once every new part is in place
         storage.remove_stale(
             output_dir, stem=FEATURES_STEM, keep=[i.uri for i in infos]
         )
@@ -157,7 +163,7 @@ def stage_features(
         rows_in=quality["rows_in"],
         rows_out=rows_out,
         dropped=quality["dropped"],
-        seconds=timer.seconds,
+        seconds=timer.seconds + cleanup.seconds,
         details={"sensors": sensors, "quality": quality},
     )
     return out, record
@@ -309,7 +315,7 @@ def stage_score(
     from sagewatch.detector import Detector
     from sagewatch.scoring import score_features
 
-    with Timer() as timer:
+    with Timer() as timer, storage.replacing(output_dir):
         with storage.track_reads() as reads:
             if isinstance(detector, str):
                 detector = Detector.load(detector)
@@ -336,10 +342,13 @@ def stage_score(
         if scores is None:
             assert isinstance(features, pl.DataFrame)
             table = score_features(features, detector, source=source, progress=progress)
-            written = [
-                storage.write_table(table, storage.join(output_dir, SCORES_CSV)),
-                storage.write_table(table, storage.join(output_dir, SCORES_PARQUET)),
-            ]
+            # Parquet first, as streamed: should putting the two in place fail
+            # between them, `evaluate` (which reads the Parquet copy) has the new.
+            parquet = storage.write_table(
+                table, storage.join(output_dir, SCORES_PARQUET)
+            )
+            csv = storage.write_table(table, storage.join(output_dir, SCORES_CSV))
+            written = [csv, parquet]
             scores, rows = table, table.height
             flagged = int(table["is_anomaly"].sum())
     record = StageRecord(

@@ -46,12 +46,13 @@ def write_report(
     page = render_html(
         scores, report, max_plot_entities=max_plot_entities, progress=progress
     )
-    infos = [
-        storage.write_json(storage.join(output_dir, REPORT_JSON), report),
-        storage.write_bytes(
-            storage.join(output_dir, REPORT_HTML), page.encode("utf-8")
-        ),
-    ]
+    with storage.replacing(output_dir):
+        infos = [
+            storage.write_json(storage.join(output_dir, REPORT_JSON), report),
+            storage.write_bytes(
+                storage.join(output_dir, REPORT_HTML), page.encode("utf-8")
+            ),
+        ]
     log.info(
         "report: %d rows evaluated, %d flagged, written to %s",
         report["evaluated_rows"],

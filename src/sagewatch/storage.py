@@ -12,7 +12,8 @@ next to the target (locally) or in a temporary folder (for S3). Locally it is th
 renamed into place with ``os.replace``; on S3 it is uploaded in one request or one
 multipart upload, and S3 shows an object only once such an upload has completed (a
 failed multipart upload is aborted). A failure half-way therefore leaves the previous
-file or object untouched and nothing under the final name.
+file or object untouched and nothing under the final name. A stage writes its files
+inside :func:`replacing`, which puts them in place together at the end.
 
 A location that cannot be reached, read or written raises a
 :class:`~sagewatch.errors.StorageError` naming the URI and what to check (a table
@@ -141,6 +142,16 @@ def s3_client() -> Any:
     return _s3.client()
 
 
+def aws_region() -> str | None:
+    """The AWS region in use: ``AWS_REGION`` (which botocore does not read), else
+    ``AWS_DEFAULT_REGION`` or the profile's; None when none is set.
+
+    Raises:
+        StorageError: the AWS configuration cannot be read (a missing profile).
+    """
+    return _s3.region()
+
+
 def endpoint() -> str:
     """The S3 endpoint in use, without any user or password part."""
     return _s3.endpoint()
@@ -164,14 +175,16 @@ def exists(uri: str) -> bool:
     return _s3.exists(uri) if is_s3(uri) else Path(uri).exists()
 
 
-def read_bytes(uri: str) -> bytes:
-    """Read one file or object whole.
+def read_bytes(uri: str, *, record: bool = True) -> bytes:
+    """Read one file or object whole; ``record`` False keeps it out of
+    :func:`track_reads` (a file read only to be put back, not an input).
 
     Raises:
         NotFoundError, AccessDeniedError, EndpointError, StorageError.
     """
     data = _fetch(uri)
-    _record(uri, data)
+    if record:
+        _record(uri, data)
     return data
 
 
@@ -269,7 +282,7 @@ def _staged(
             with _local_errors(uri, "write"):
                 yield staging
             staging.info = _describe_local(staging.path, uri, rows, staging.known)
-            _s3.upload(staging.path, uri)
+            _s3.upload(staging.path, _upload_target(uri))
         return
     with _local_staged(uri) as tmp:
         staging.path = tmp
@@ -282,16 +295,20 @@ def _local_staged(uri: str) -> Iterator[str]:
     """A temporary name next to local ``uri``, renamed onto it on success."""
     target = Path(uri)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    deferred = False
     try:
         with _local_errors(uri, "write"):
             target.parent.mkdir(parents=True, exist_ok=True)
             yield str(tmp)
-            os.replace(tmp, target)
+            deferred = _defer(str(tmp), uri)
+            if not deferred:
+                os.replace(tmp, target)
         log.debug("wrote %s", uri)
     finally:
         # A parent that is not a folder fails here too; the error above says why.
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        if not deferred:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 def _describe_local(
@@ -538,23 +555,142 @@ def remove(uri: str) -> None:
 
 
 def remove_stale(uri: str, *, stem: str, keep: list[str]) -> list[str]:
-    """Delete ``<stem>-*`` part files under the folder ``uri`` not named in ``keep``.
+    """Delete ``<stem>-*`` part files in the folder ``uri`` not named in ``keep``.
 
     A stage that rewrites a partitioned folder calls this after every new part is
     in place, so parts of entities from an earlier run never mix into the next
-    stage. Returns the URIs removed.
+    stage. Only files directly in the folder are parts; sub-folders are left
+    alone. Returns the URIs removed.
     """
     kept = set(keep)
     try:
         present = list_files(uri)
     except NotFoundError:
         return []
-    stale = [f for f in present if basename(f).startswith(f"{stem}-") and f not in kept]
+    folder = uri.rstrip("/") if is_s3(uri) else str(Path(uri))
+    stale = [
+        f
+        for f in present
+        if f.rsplit("/", 1)[0] == folder
+        and basename(f).startswith(f"{stem}-")
+        and f not in kept
+    ]
     for f in stale:
         remove(f)
     if stale:
         log.warning("removed %d stale part file(s) under %s", len(stale), uri)
     return stale
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass
+class _Batch:
+    """The files one stage writes directly in ``folder``: each finished under a
+    temporary name (``staged``) and put in place (``final``) with the others."""
+
+    folder: str
+    incoming: str  # S3: the hidden folder the files are uploaded to
+    moves: list[tuple[str, str]]  # (staged, final)
+
+
+_BATCH: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar(
+    "sagewatch_batch", default=None
+)
+
+
+@contextlib.contextmanager
+def replacing(folder: str) -> Iterator[None]:
+    """Put the files written directly in ``folder`` inside the block in place
+    together, when the block ends without an error; otherwise none of them.
+
+    Each file is first finished under a temporary name: locally a hidden file next
+    to its target, on S3 an object under the hidden folder ``.incoming-<id>/`` of
+    ``folder`` (listings skip both). At the end the local files are renamed onto
+    their targets and the S3 objects copied onto theirs, server-side. A write that
+    fails (a full disk, a refused or lost upload) therefore leaves the previous
+    output whole; the renames or copies at the end are short, and should one of
+    the copies fail, the files already replaced are logged.
+    """
+    folder = folder.rstrip("/") if is_s3(folder) else str(Path(folder))
+    incoming = f"{folder}/.incoming-{uuid.uuid4().hex[:12]}"
+    batch = _Batch(folder, incoming, [])
+    token = _BATCH.set(batch)
+    try:
+        yield
+    except BaseException:
+        _BATCH.reset(token)
+        _discard(batch)
+        raise
+    _BATCH.reset(token)
+    _publish(batch)
+
+
+def _batch_for(uri: str) -> _Batch | None:
+    batch = _BATCH.get()
+    if batch is None:
+        return None
+    parent = uri.rsplit("/", 1)[0] if is_s3(uri) else str(Path(uri).parent)
+    return batch if parent == batch.folder else None
+
+
+def _defer(tmp: str, uri: str) -> bool:
+    """Leave a finished local file under its temporary name for :func:`replacing`
+    to rename; False when no block of it writes ``uri``'s folder."""
+    batch = _batch_for(uri)
+    if batch is not None:
+        batch.moves.append((tmp, uri))
+    return batch is not None
+
+
+def _upload_target(uri: str) -> str:
+    """Where an S3 file is uploaded: its final key, or the incoming folder of the
+    block of :func:`replacing` that writes its folder."""
+    batch = _batch_for(uri)
+    if batch is None:
+        return uri
+    staged = f"{batch.incoming}/{basename(uri)}"
+    batch.moves.append((staged, uri))
+    return staged
+
+
+def _publish(batch: _Batch) -> None:
+    done: list[str] = []
+    try:
+        for staged, final in batch.moves:
+            if is_s3(final):
+                _s3.copy(staged, final)
+            else:
+                with _local_errors(final, "write"):
+                    os.replace(staged, final)
+            done.append(final)
+    except StorageError:
+        if done:
+            log.error(
+                "%s: %d of %d new files were put in place before the failure (%s); "
+                "the others are the previous run's: run the stage again",
+                batch.folder,
+                len(done),
+                len(batch.moves),
+                ", ".join(basename(d) for d in done),
+            )
+        raise
+    finally:
+        _discard(batch)
+
+
+def _discard(batch: _Batch) -> None:
+    """Delete what a block left under temporary names, as far as possible."""
+    uploaded = [staged for staged, _ in batch.moves if is_s3(staged)]
+    for staged, _ in batch.moves:
+        if not is_s3(staged):
+            with contextlib.suppress(OSError):
+                Path(staged).unlink(missing_ok=True)
+    try:
+        _s3.delete(uploaded)
+    except StorageError as exc:
+        log.warning("could not delete %s: %s", batch.incoming, exc)
 
 
 # ----------------------------------------------------------------------------- streams

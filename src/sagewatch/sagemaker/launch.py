@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from sagewatch import storage
-from sagewatch.errors import CloudError, ConfigError
+from sagewatch.errors import CloudError, ConfigError, StorageError
 from sagewatch.sagemaker.plans import JobPlan, Upload
+from sagewatch.sagemaker.target import default_region
 from sagewatch.sagemaker.workflow import PipelinePlan
 
 log = logging.getLogger(__name__)
@@ -46,19 +47,30 @@ def aws_errors(operation: str) -> Iterator[None]:
 
 
 def sagemaker_client(region: str | None) -> Any:
-    """A boto3 SageMaker client for ``region`` (None: the AWS default).
+    """A boto3 SageMaker client for ``region`` (None: :func:`.default_region`).
 
     Raises:
         ConfigError: no region configured.
+        StorageError: the AWS configuration cannot be read (a profile that does not
+            exist, a malformed endpoint URL), as the S3 side reports it.
     """
     import boto3
-    from botocore.exceptions import NoRegionError
+    from botocore.exceptions import BotoCoreError, NoRegionError
 
     try:
-        return boto3.client("sagemaker", region_name=region)
+        return boto3.client("sagemaker", region_name=region or default_region())
     except NoRegionError as exc:
         raise ConfigError(
             "no AWS region: set region (SAGEMAKER_REGION) or AWS_REGION"
+        ) from exc
+    except BotoCoreError as exc:
+        raise StorageError(
+            f"cannot set up the SageMaker client: {exc}; check AWS_PROFILE and "
+            "~/.aws/config"
+        ) from exc
+    except ValueError as exc:  # botocore's answer to a malformed AWS_ENDPOINT_URL
+        raise StorageError(
+            f"cannot set up the SageMaker client: {exc}; check the AWS_* variables"
         ) from exc
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from sagewatch import storage
 from sagewatch.config import Settings
-from sagewatch.errors import ConfigError
+from sagewatch.errors import ConfigError, StorageError
 from sagewatch.sagemaker import contract
 from sagewatch.sagemaker.bundle import SourceBundle, build_source_bundle
 from sagewatch.sagemaker.jobs import (
@@ -121,16 +121,54 @@ def input_upload(settings: Settings, target: Target, local: str) -> Upload:
     )
 
 
-def _sources(
+def input_source(
     settings: Settings, target: Target, input_uri: str | None, kind: str
 ) -> tuple[str, list[Upload]]:
-    """An input as an S3 URI, and the upload that puts local data there."""
+    """An input as an S3 URI, and the upload that puts local data there.
+
+    ``input_uri`` None means the stage prefix ``kind`` (``raw``, ``features``).
+    """
     if input_uri is None:
         return locations(settings, target)[kind], []
     if storage.is_s3(input_uri):
         return input_uri, []
     upload = input_upload(settings, target, input_uri)
     return upload.uri, [upload]
+
+
+def with_label_windows(
+    settings: Settings, target: Target
+) -> tuple[Settings, list[Upload]]:
+    """Settings whose local ``label_windows`` file is replaced by its S3 copy.
+
+    The file goes to ``uploads/<content hash>/<name>``, as local input does, so
+    the job's container can read it. An s3:// URI (or no file) is left as it is.
+
+    Raises:
+        NotFoundError: no file at the path.
+        StorageError: the file is not valid JSON.
+    """
+    local = settings.data.label_windows
+    if not local or storage.is_s3(local):
+        return settings, []
+    data = storage.read_bytes(local)
+    try:
+        json.loads(data)
+    except ValueError as exc:
+        raise StorageError(f"label_windows {local}: not valid JSON: {exc}") from exc
+    sha = hashlib.sha256(data).hexdigest()
+    prefix = locations(settings, target)["uploads"]
+    upload = Upload(
+        uri=f"{prefix}{sha[:16]}/{Path(local).name}",
+        sha256=sha,
+        bytes=len(data),
+        source=str(local),
+        data=data,
+    )
+    moved = settings.with_overrides(
+        {"label_windows": upload.uri}, source="the label_windows upload"
+    )
+    return moved, [upload]
 
 
 def _plan(
@@ -156,7 +194,7 @@ def _prepare(
     target = resolve_target(settings, strict=strict)
     where = locations(settings, target)
     code = code_upload(settings, target, bundle or build_source_bundle())
-    source, uploads = _sources(settings, target, input_uri, default)
+    source, uploads = input_source(settings, target, input_uri, default)
     return target, where, code, source, uploads
 
 
@@ -174,10 +212,14 @@ def plan_features(
     strict: bool = False,
     bundle: SourceBundle | None = None,
 ) -> JobPlan:
-    """The features Processing job; local input is uploaded under ``raw/``."""
+    """The features Processing job.
+
+    Local input and a local ``label_windows`` file are uploaded under ``uploads/``.
+    """
     target, where, code, source, uploads = _prepare(
         settings, strict=strict, bundle=bundle, input_uri=input_uri, default="raw"
     )
+    settings, windows = with_label_windows(settings, target)
     output = output_uri or where["features"]
     request = features_request(
         settings,
@@ -187,7 +229,9 @@ def plan_features(
         input_uri=source,
         output_uri=output,
     )
-    return _plan("CreateProcessingJob", request, [code, *uploads], target, (output,))
+    return _plan(
+        "CreateProcessingJob", request, [code, *uploads, *windows], target, (output,)
+    )
 
 
 def plan_training(

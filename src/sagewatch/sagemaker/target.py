@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sagewatch import storage
 from sagewatch.config import Settings
-from sagewatch.errors import ConfigError
+from sagewatch.errors import ConfigError, StorageError
+from sagewatch.sagemaker.validation import check_instance_type
 
 ROLE_PLACEHOLDER = "arn:aws:iam::${ACCOUNT_ID}:role/${SAGEMAKER_ROLE}"
 BUCKET_PLACEHOLDER = "${SAGEMAKER_BUCKET}"
@@ -44,10 +46,16 @@ def resolve_target(settings: Settings, *, strict: bool) -> Target:
 
     Raises:
         ConfigError: a missing role, bucket, image or region when ``strict``;
-            a region/version the image lookup does not know.
+            a region/version the image lookup does not know; an instance type
+            SageMaker does not offer.
+        StorageError: the AWS configuration cannot be read (a missing profile).
     """
     sm = settings.sagemaker
-    region = sm.region or _default_region()
+    check_instance_type(
+        sm.processing_instance_type, "processing", "processing_instance_type"
+    )
+    check_instance_type(sm.training_instance_type, "training", "training_instance_type")
+    region = sm.region or default_region()
     missing = [name for name in ("role", "bucket") if not getattr(sm, name)]
     images = {"processing": IMAGE_PLACEHOLDER, "training": IMAGE_PLACEHOLDER}
     if sm.image_uri:
@@ -85,10 +93,17 @@ _HOW_TO_SET = {
 }
 
 
-def _default_region() -> str | None:
-    import boto3
+def default_region() -> str | None:
+    """The region of the AWS configuration (see :func:`sagewatch.storage.aws_region`).
 
-    return boto3.session.Session().region_name
+    Raises:
+        StorageError: the configuration cannot be read, e.g. ``AWS_PROFILE`` names
+            a profile that does not exist.
+    """
+    try:
+        return storage.aws_region()
+    except StorageError as exc:
+        raise StorageError(f"{exc}, or set region (SAGEMAKER_REGION)") from exc
 
 
 def _sdk_installed() -> bool:

@@ -14,6 +14,8 @@ Notes:
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
 from functools import lru_cache
 from typing import Any
@@ -25,10 +27,16 @@ PLACEHOLDER = re.compile(r"\$\{[A-Z_]+\}")
 
 @lru_cache(maxsize=1)
 def service_model() -> Any:
-    """The SageMaker service model shipped with botocore (no network)."""
-    import botocore.session
+    """The SageMaker service model shipped with botocore (no network).
 
-    return botocore.session.get_session().get_service_model("sagemaker")
+    Loaded without a botocore session, which would read the AWS profile and fail
+    on one that does not exist; ``--plan`` needs no profile.
+    """
+    from botocore.loaders import create_loader
+    from botocore.model import ServiceModel
+
+    loader = create_loader(os.environ.get("AWS_DATA_PATH"))
+    return ServiceModel(loader.load_service_model("sagemaker", "service-2"))
 
 
 def validate_request(operation: str, request: dict[str, Any]) -> None:
@@ -93,7 +101,7 @@ def _check_string(value: str, shape: Any, path: str, problems: list[str]) -> Non
     if top is not None and len(value) > top:
         problems.append(f"{path}: {len(value)} characters, at most {top} allowed")
     if shape.enum and value not in shape.enum:
-        problems.append(f"{path}: {value!r} is not one of {shape.enum}")
+        problems.append(f"{path}: {value!r} is not one of {_some(shape)}")
     pattern = shape.metadata.get("pattern")
     if not pattern or PLACEHOLDER.search(value):
         return
@@ -103,6 +111,48 @@ def _check_string(value: str, shape: Any, path: str, problems: list[str]) -> Non
         return
     if not compiled.fullmatch(value):
         problems.append(f"{path}: {value!r} does not match the pattern {pattern!r}")
+
+
+def _some(shape: Any, examples: tuple[str, ...] = ()) -> str:
+    """A short account of an enumeration: all of a short one, else a few values."""
+    values = list(shape.enum)
+    if len(values) <= _LISTED:
+        return str(values)
+    shown = [v for v in examples if v in values] or values[:3]
+    return (
+        f"the {len(values)} values of {shape.name} in botocore's SageMaker service "
+        f"model, e.g. {', '.join(shown)}"
+    )
+
+
+_LISTED = 12
+_INSTANCE_SHAPES = {
+    "processing": "ProcessingInstanceType",
+    "training": "TrainingInstanceType",
+}
+_INSTANCE_EXAMPLES = ("ml.m5.xlarge", "ml.c5.2xlarge", "ml.g4dn.xlarge")
+
+
+def check_instance_type(value: Any, kind: str, where: str) -> None:
+    """Refuse an instance type SageMaker does not offer for ``kind`` jobs.
+
+    The known types are the enumeration in botocore's service model, so a type
+    newer than the installed botocore is refused too (upgrading botocore helps).
+
+    Raises:
+        ConfigError: naming ``where``, the value, a few valid types and a close
+            match when there is one.
+    """
+    shape = service_model().shape_for(_INSTANCE_SHAPES[kind])
+    if value in shape.enum:
+        return
+    close = difflib.get_close_matches(str(value), shape.enum, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ConfigError(
+        f"{where}: {value!r} is not a SageMaker {kind} instance type; expected one "
+        f"of {_some(shape, _INSTANCE_EXAMPLES)} (newer types need a newer "
+        f"botocore){hint}"
+    )
 
 
 @lru_cache(maxsize=256)

@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sagewatch import storage
 from sagewatch.config import Settings
 from sagewatch.errors import ConfigError
 from sagewatch.sagemaker import contract
@@ -43,9 +44,14 @@ from sagewatch.sagemaker.jobs import (
     score_request,
     training_request,
 )
-from sagewatch.sagemaker.plans import Upload, code_upload, input_upload
+from sagewatch.sagemaker.plans import (
+    Upload,
+    code_upload,
+    input_source,
+    with_label_windows,
+)
 from sagewatch.sagemaker.target import Target, locations, resolve_target
-from sagewatch.sagemaker.validation import validate_request
+from sagewatch.sagemaker.validation import check_instance_type, validate_request
 
 SCHEMA_VERSION = "2020-12-01"
 STEPS = ("Features", "Train", "Score", "Evaluate")
@@ -228,24 +234,23 @@ def plan_pipeline(
 ) -> PipelinePlan:
     """The pipeline, its uploads and (with ``start``) the execution to start.
 
-    ``parameters`` override the declared pipeline parameters for that execution.
-    Every request is validated offline.
+    ``parameters`` override the declared pipeline parameters for that execution;
+    a local path in ``InputDataUri`` is uploaded like ``input_uri``. Local input
+    and a local ``label_windows`` file are uploaded under ``uploads/``. Every
+    request is validated offline.
 
     Raises:
         ConfigError: a step request botocore or SageMaker would refuse, a parameter
-            the pipeline does not declare or whose value is not of its type,
-            parameters without ``start``, or (with ``strict``) a missing role,
-            bucket or image.
+            the pipeline does not declare or whose value the settings would refuse
+            (see :func:`execution_parameters`), parameters without ``start``, or
+            (with ``strict``) a missing role, bucket or image.
+        NotFoundError: a local input or ``label_windows`` path that holds nothing.
     """
     target = resolve_target(settings, strict=strict)
     code = code_upload(settings, target, bundle or build_source_bundle())
-    uploads = [code]
-    if input_uri is None:
-        input_uri = locations(settings, target)["raw"]
-    elif not input_uri.startswith("s3://"):
-        raw = input_upload(settings, target, input_uri)
-        uploads.append(raw)
-        input_uri = raw.uri
+    input_uri, raw = input_source(settings, target, input_uri, "raw")
+    settings, windows = with_label_windows(settings, target)
+    uploads = [code, *raw, *windows]
     definition = pipeline_definition(settings, target, code=code, input_uri=input_uri)
     for operation, request in step_requests(definition):
         validate_request(operation, request)
@@ -267,7 +272,16 @@ def plan_pipeline(
         return PipelinePlan(definition, request, tuple(uploads), target.placeholders)
     execution: dict[str, Any] = {"PipelineName": sm.pipeline_name}
     if parameters:
-        execution["PipelineParameters"] = execution_parameters(definition, parameters)
+        parameters = dict(parameters)
+        given_input = parameters.get("InputDataUri")
+        if given_input and not storage.is_s3(given_input):  # upload, as --input
+            parameters["InputDataUri"], raw = input_source(
+                settings, target, given_input, "raw"
+            )
+            uploads += [u for u in raw if u not in uploads]
+        execution["PipelineParameters"] = execution_parameters(
+            definition, parameters, settings
+        )
     validate_request("StartPipelineExecution", execution)
     return PipelinePlan(
         definition, request, tuple(uploads), target.placeholders, execution
@@ -275,19 +289,36 @@ def plan_pipeline(
 
 
 _PARSERS = {"Integer": int, "Float": float}
+# The setting each parameter stands in for; its value must pass that setting's rules.
+_PARAMETER_SETTINGS = {
+    "Epochs": "epochs",
+    "ProcessingInstanceType": "processing_instance_type",
+    "ProcessingInstanceCount": "processing_instance_count",
+    "TrainingInstanceType": "training_instance_type",
+}
+_INSTANCE_KINDS = {
+    "ProcessingInstanceType": "processing",
+    "TrainingInstanceType": "training",
+}
+_S3_URI = re.compile(r"s3://[^/]+(/.*)?")
 
 
 def execution_parameters(
-    definition: dict[str, Any], given: Mapping[str, str]
+    definition: dict[str, Any],
+    given: Mapping[str, str],
+    settings: Settings | None = None,
 ) -> list[dict[str, str]]:
     """``PipelineParameters`` for an execution, checked against the definition.
 
-    Integer and Float values are sent in their canonical form (``"050"`` as
-    ``"50"``), String values as given.
+    A value must parse as the declared type and pass the rules of the setting the
+    parameter stands for (``Epochs`` those of ``epochs``, and so on, checked
+    through ``settings``, the defaults when None); instance types must be ones
+    SageMaker offers, ``InputDataUri`` an s3:// URI. Integer and Float values are
+    sent in their canonical form (``"050"`` as ``"50"``), String values as given.
 
     Raises:
         ConfigError: a name the definition does not declare, or a value that does
-            not parse as the declared type.
+            not parse as the declared type or breaks its setting's rules.
     """
     declared = {p["Name"]: p["Type"] for p in definition["Parameters"]}
     out = []
@@ -297,18 +328,36 @@ def execution_parameters(
                 f"pipeline parameter {name!r} is not declared; expected one of "
                 f"{', '.join(declared)}"
             )
-        kind = declared[name]
-        parse = _PARSERS.get(kind)
-        if parse is not None:
-            try:
-                value = str(parse(value))
-            except ValueError:
-                raise ConfigError(
-                    f"pipeline parameter {name!r}: expected {kind.lower()}, "
-                    f"got {value!r}"
-                ) from None
-        out.append({"Name": name, "Value": value})
+        typed = _parse_parameter(name, declared[name], value)
+        _check_parameter(settings or Settings(), name, typed)
+        out.append({"Name": name, "Value": str(typed)})
     return out
+
+
+def _parse_parameter(name: str, kind: str, value: str) -> Any:
+    parse = _PARSERS.get(kind)
+    if parse is None:
+        return value
+    try:
+        return parse(value)
+    except ValueError:
+        raise ConfigError(
+            f"pipeline parameter {name!r}: expected {kind.lower()}, got {value!r}"
+        ) from None
+
+
+def _check_parameter(settings: Settings, name: str, value: Any) -> None:
+    """Refuse a value the settings (or SageMaker) would refuse for its setting."""
+    where = f"pipeline parameter {name!r}"
+    if name in _PARAMETER_SETTINGS:
+        settings.with_overrides({_PARAMETER_SETTINGS[name]: value}, source=where)
+    if name in _INSTANCE_KINDS:
+        check_instance_type(value, _INSTANCE_KINDS[name], where)
+    if name == "InputDataUri" and not _S3_URI.fullmatch(value):
+        raise ConfigError(
+            f"{where}: expected an s3://bucket/prefix/ URI or a local path to "
+            f"upload, got {value!r}"
+        )
 
 
 # ----------------------------------------------------------------------------- checks

@@ -134,6 +134,8 @@ def _stream_scores(
     scored: Counter[str] = Counter()  # rows scored so far per entity
     written: Future[None] | None = None
     with contextlib.ExitStack() as stack:
+        # Sinks close (and move into place) last one first: the caller lists the
+        # Parquet file last so it is complete before the CSV is replaced.
         sinks = [
             stack.enter_context(_TableSink(storage.join(output_dir, name)))
             for name in outputs
