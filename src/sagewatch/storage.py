@@ -655,16 +655,20 @@ def _upload_target(uri: str) -> str:
     return staged
 
 
+# Server-side copies in flight at once when a stage's files are put in place on S3.
+_COPY_THREADS = 16
+
+
 def _publish(batch: _Batch) -> None:
     done: list[str] = []
     try:
+        if batch.moves and is_s3(batch.folder):
+            _copy_all(batch.moves, done)
         for staged, final in batch.moves:
-            if is_s3(final):
-                _s3.copy(staged, final)
-            else:
+            if not is_s3(final):
                 with _local_errors(final, "write"):
                     os.replace(staged, final)
-            done.append(final)
+                done.append(final)
     except StorageError:
         if done:
             log.error(
@@ -673,11 +677,33 @@ def _publish(batch: _Batch) -> None:
                 batch.folder,
                 len(done),
                 len(batch.moves),
-                ", ".join(basename(d) for d in done),
+                ", ".join(sorted(basename(d) for d in done)),
             )
         raise
     finally:
         _discard(batch)
+
+
+def _copy_all(moves: list[tuple[str, str]], done: list[str]) -> None:
+    """Copy each staged object onto its final key, several at a time; raise the
+    first failure once every copy has ended, ``done`` naming those that worked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    failures: list[StorageError] = []
+
+    def put(staged: str, final: str) -> None:
+        try:
+            _s3.copy(staged, final)
+            done.append(final)  # list.append is atomic
+        except StorageError as exc:
+            failures.append(exc)
+
+    with ThreadPoolExecutor(_COPY_THREADS, thread_name_prefix="sagewatch-copy") as pool:
+        for staged, final in moves:
+            if is_s3(final):
+                pool.submit(put, staged, final)
+    if failures:
+        raise failures[0]
 
 
 def _discard(batch: _Batch) -> None:
