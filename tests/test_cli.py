@@ -196,3 +196,58 @@ def test_log_output_drops_the_user_and_password_of_urls() -> None:
     assert 'OSError: cannot reach "https://store.example:9000/b"' in text
     for secret in ("me:", "s3cr3t", "ak:", "sk@"):
         assert secret not in text
+
+
+def test_sigterm_unwinds_like_ctrl_c_leaving_the_previous_output(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import os
+    import signal
+
+    from sagewatch import storage
+
+    out = tmp_path / "raw"
+    code, _ = _invoke("-q", "generate", "--output-dir", str(out), *SMALL[:4])
+    assert code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    write_table = storage.write_table
+    calls = []
+
+    def terminated_on_the_second(df: pl.DataFrame, uri: str) -> storage.FileInfo:
+        calls.append(uri)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return write_table(df, uri)
+
+    monkeypatch.setattr(storage, "write_table", terminated_on_the_second)
+    code, out_text = _invoke(
+        "-q", "generate", "--output-dir", str(out), *SMALL[:4], "--seed", "7"
+    )
+
+    assert code == 143
+    assert "terminated" in out_text
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp files
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_score_refuses_a_scores_table_caught_by_its_features_glob(
+    tmp_path: Path,
+) -> None:
+    code, out = _invoke("-q", "run", "--data-dir", str(tmp_path), *SMALL)
+    assert code == 0, out
+
+    code, out = _invoke(
+        "score",
+        "--input",
+        f"{tmp_path}/**/*.parquet",
+        "--model-dir",
+        str(tmp_path / "model"),
+        "--output-dir",
+        str(tmp_path / "again"),
+    )
+
+    assert code == 3
+    assert (
+        f"{tmp_path}/scores/anomaly_scores.parquet: no '<sensor>__<statistic>'" in out
+    )
+    assert not (tmp_path / "again").exists()

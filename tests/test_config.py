@@ -144,7 +144,7 @@ def test_two_reference_rules_are_refused() -> None:
 
 
 def test_error_names_the_environment_variable() -> None:
-    with pytest.raises(ConfigError, match=r"environment variables \(EPOCHS\)"):
+    with pytest.raises(ConfigError, match=r"from environment variable EPOCHS: "):
         load_settings(None, environ={"EPOCHS": "abc"})
 
 
@@ -216,7 +216,9 @@ def test_true_or_false_in_a_file_is_refused_for_a_number(tmp_path: Path) -> None
         load_settings(_yaml(tmp_path, "model:\n  epochs: true\n"), environ={})
 
 
-@pytest.mark.parametrize("prefix", ["../escaped", "/", "/abs", ".", "a//b", "a/../b"])
+@pytest.mark.parametrize(
+    "prefix", ["../escaped", "/", "/abs", ".", "a//b", "a/../b", ".hidden", " "]
+)
 def test_prefixes_must_stay_inside_their_base(prefix: str) -> None:
     with pytest.raises(ConfigError, match=r"features_prefix: .*relative folder name"):
         load_settings(None, environ={"FEATURES_PREFIX": prefix})
@@ -236,13 +238,25 @@ def test_nested_prefixes_are_kept_without_a_trailing_slash() -> None:
         ("Bad_Bucket!", "S3 bucket name"),
         ("mybucket/sub", "S3 bucket name"),
         ("ab", "S3 bucket name"),
+        ("a..b", "S3 bucket name"),
+        ("192.168.1.1", "S3 bucket name"),
+        ("xn--abc", "S3 bucket name"),
+        ("data-s3alias", "S3 bucket name"),
     ],
 )
 def test_a_malformed_bucket_is_refused_naming_the_variable(
     bucket: str, expected: str
 ) -> None:
-    with pytest.raises(ConfigError, match=rf"SAGEMAKER_BUCKET.*bucket: .*{expected}"):
-        load_settings(None, environ={"SAGEMAKER_BUCKET": bucket})
+    role = "arn:aws:iam::123456789012:role/r"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(
+            None, environ={"SAGEMAKER_ROLE": role, "SAGEMAKER_BUCKET": bucket}
+        )
+    assert str(caught.value).startswith(
+        "invalid configuration from environment variable SAGEMAKER_BUCKET: "
+        "sagemaker.bucket: "
+    )
+    assert expected in str(caught.value)
 
 
 def test_a_malformed_role_is_refused_naming_the_variable() -> None:
@@ -256,3 +270,27 @@ def test_a_malformed_role_is_refused_naming_the_variable() -> None:
         role,
         "my.sensor-data",
     )
+
+
+@pytest.mark.parametrize("text", ["12:30", "0x10", "0b11", "0o17"])
+def test_integers_are_read_in_decimal_only(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"EPOCHS.*model.epochs"):
+        load_settings(None, environ={"EPOCHS": text})
+
+
+def test_leading_zeros_and_exponents_read_as_written(tmp_path: Path) -> None:
+    settings = load_settings(
+        _yaml(tmp_path, "features:\n  rolling_window: 010\n"),
+        environ={"EPOCHS": "010"},
+        overrides={"learning_rate": "1e-3"},
+    )
+    assert settings.features.rolling_window == 10  # YAML 1.1 reads 8
+    assert settings.model.epochs == 10
+    assert settings.model.learning_rate == 0.001
+
+
+def test_a_sexagesimal_number_in_a_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"features\.rolling_window"):
+        load_settings(
+            _yaml(tmp_path, "features:\n  rolling_window: 1:00\n"), environ={}
+        )

@@ -573,3 +573,42 @@ def test_stale_parts_are_removed_only_from_the_folder_itself(
 
     assert removed == [old]
     assert storage.list_files(base) == sorted([keep, archived])
+
+
+def test_a_full_disk_in_a_polars_writer_is_a_storage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(self: pl.DataFrame, file: object, **_: object) -> None:
+        raise pl.exceptions.ComputeError("No space left on device (os error 28)")
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", full)
+    target = tmp_path / "x.parquet"
+
+    with pytest.raises(StorageError, match=r"cannot write .*x.parquet: No space left"):
+        storage.write_table(FRAME, str(target))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_uploads_a_store_will_not_delete_are_reported(
+    s3_bucket: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = _s3.client()
+
+    def refuse(**request: object) -> dict:
+        keys = [o["Key"] for o in request["Delete"]["Objects"]]  # type: ignore[index]
+        return {"Errors": [{"Key": k, "Code": "AccessDenied"} for k in keys]}
+
+    monkeypatch.setattr(client, "delete_objects", refuse)
+    with storage.replacing(f"s3://{s3_bucket}/out"):
+        storage.write_bytes(f"s3://{s3_bucket}/out/a.txt", b"a")
+
+    assert storage.read_bytes(f"s3://{s3_bucket}/out/a.txt") == b"a"
+    assert "could not delete" in caplog.text and "AccessDenied" in caplog.text
+
+
+def test_an_unknown_retry_mode_is_a_storage_error(
+    s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_RETRY_MODE", "bogus")
+    with pytest.raises(StorageError, match="AWS_RETRY_MODE='bogus' is not a retry"):
+        storage.read_bytes(f"s3://{s3_bucket}/x.txt")

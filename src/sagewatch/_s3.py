@@ -91,7 +91,7 @@ def _new_connection(_state: str) -> tuple[Any, Any]:
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError
 
-    _check_environment()
+    check_environment()
     try:
         session = boto3.session.Session()
         config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S)
@@ -112,7 +112,7 @@ def _new_connection(_state: str) -> tuple[Any, Any]:
     return session, s3
 
 
-def _check_environment() -> None:
+def check_environment() -> None:
     """Refuse AWS variables botocore would fail on with a bare ValueError."""
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         url = os.environ.get(name)
@@ -122,10 +122,16 @@ def _check_environment() -> None:
                 "with http:// or https://, such as http://127.0.0.1:9000"
             )
     attempts = os.environ.get("AWS_MAX_ATTEMPTS")
-    if attempts and not attempts.strip().isdigit():
+    if attempts and not (attempts.strip().isdigit() and int(attempts) >= 1):
         raise StorageError(
-            f"AWS_MAX_ATTEMPTS={attempts!r} is not a whole number; expected the "
-            "number of attempts per request, such as 5"
+            f"AWS_MAX_ATTEMPTS={attempts!r} is not a whole number of at least 1; "
+            "expected the number of attempts per request, such as 5"
+        )
+    mode = os.environ.get("AWS_RETRY_MODE")
+    if mode and mode not in ("legacy", "standard", "adaptive"):
+        raise StorageError(
+            f"AWS_RETRY_MODE={mode!r} is not a retry mode; expected legacy, "
+            "standard or adaptive"
         )
 
 
@@ -392,10 +398,17 @@ def delete(uris: list[str]) -> None:
     keys = [split(u)[1] for u in uris]
     with errors(uris[0], "delete"):
         for start in range(0, len(keys), 1000):
-            client().delete_objects(
+            answer = client().delete_objects(
                 Bucket=bucket,
                 Delete={"Objects": [{"Key": k} for k in keys[start : start + 1000]]},
             )
+            if answer.get("Errors"):  # the request succeeds, some keys do not
+                first = answer["Errors"][0]
+                raise StorageError(
+                    f"cannot delete s3://{bucket}/{first.get('Key')} and "
+                    f"{len(answer['Errors']) - 1} more: {first.get('Code')} "
+                    f"({first.get('Message', '')})"
+                )
 
 
 def download(uri: str, local: str) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -28,13 +30,31 @@ class State:
     verbosity = 0
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the command is, so it unwinds as Ctrl-C does."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn sagewatch's errors and Ctrl-C into one line on stderr and an exit code."""
+    """Turn sagewatch's errors, Ctrl-C and SIGTERM into one line on stderr and an
+    exit code.
+
+    SIGTERM (sent by ``timeout``, ``docker stop``, a cancelled CI job) unwinds the
+    command like Ctrl-C, so a stage's temporary files and uploads are removed.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         try:
             return func(*args, **kwargs)
+        except _Terminated:
+            click.echo("terminated", err=True)
+            sys.exit(143)
         except SagewatchError as exc:
             if State.verbosity > 0:
                 log.exception("failed")
@@ -44,6 +64,9 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

@@ -46,9 +46,18 @@ _features_input_option = click.option(
     help="Features: s3:// URI, or a local folder to upload (default: features/).",
 )
 _processing_options = options(
-    click.option("--instance-type", "processing_instance_type", default=None),
     click.option(
-        "--instance-count", "processing_instance_count", type=int, default=None
+        "--instance-type",
+        "processing_instance_type",
+        default=None,
+        help="Processing instance type (default ml.m5.xlarge).",
+    ),
+    click.option(
+        "--instance-count",
+        "processing_instance_count",
+        type=int,
+        default=None,
+        help="Processing instances; more than one split the work by entity.",
     ),
 )
 
@@ -171,7 +180,12 @@ def sagemaker_features(
 @sagemaker_group.command("train")
 @_features_input_option
 @_output_option("models")
-@click.option("--instance-type", "training_instance_type", default=None)
+@click.option(
+    "--instance-type",
+    "training_instance_type",
+    default=None,
+    help="Training instance type (default ml.m5.xlarge).",
+)
 @_job_name_option("train")
 @_sagemaker_options
 @seed_option
@@ -273,9 +287,22 @@ def sagemaker_score(
 
 @sagemaker_group.command("pipeline")
 @_raw_input_option
-@click.option("--processing-instance-type", default=None)
-@click.option("--processing-instance-count", type=int, default=None)
-@click.option("--training-instance-type", default=None)
+@click.option(
+    "--processing-instance-type",
+    default=None,
+    help="Instance type of the processing steps (default ml.m5.xlarge).",
+)
+@click.option(
+    "--processing-instance-count",
+    type=int,
+    default=None,
+    help="Instances per processing step; more split features and scoring by entity.",
+)
+@click.option(
+    "--training-instance-type",
+    default=None,
+    help="Instance type of the training step (default ml.m5.xlarge).",
+)
 @click.option(
     "--param",
     "params",

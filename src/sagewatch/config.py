@@ -30,6 +30,8 @@ from pydantic import (
 
 from sagewatch.errors import ConfigError
 
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
 # The environment variables the project has always honoured, and where they land.
 ENV_VARS: dict[str, str] = {
     "RAW_DATA_PREFIX": "raw_data_prefix",
@@ -45,6 +47,31 @@ ENV_VARS: dict[str, str] = {
     "SAGEMAKER_REGION": "region",
     "SAGEMAKER_IMAGE_URI": "image_uri",
 }
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with numbers read as written in decimal (YAML 1.2's core schema).
+
+    PyYAML follows YAML 1.1, where ``010`` is 8, ``12:30`` is 750 and ``0x10`` is
+    16; here they are text, which an integer setting then refuses, and ``010`` is
+    10. ``1e-3`` is a number, as in YAML 1.2.
+    """
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(
+        r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"
+        r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+.0123456789"),
+)
+_Loader.add_constructor(_INT, lambda loader, node: int(node.value, 10))
 
 
 class _Section(BaseModel):
@@ -68,10 +95,11 @@ class _Section(BaseModel):
 def _check_prefix(value: str) -> str:
     """A relative folder or key prefix, ``a`` or ``a/b``, that stays inside its base."""
     parts = value.rstrip("/").split("/")
-    if value.startswith("/") or any(p in {"", ".", ".."} for p in parts):
+    if value.startswith("/") or any(not p.strip() or p.startswith(".") for p in parts):
         raise ValueError(
             "expected a relative folder name such as features or runs/features "
-            "(no leading /, no empty, . or .. parts)"
+            "(no leading /, no blank parts, none starting with .: listings skip "
+            "hidden folders)"
         )
     return value.rstrip("/")
 
@@ -281,10 +309,17 @@ class SageMakerSettings(_Section):
             return None
         if value.startswith("s3://"):
             raise ValueError("expected the bucket's name alone, without s3://")
-        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", value):
+        reserved = (
+            ".." in value
+            or re.fullmatch(r"\d+\.\d+\.\d+\.\d+", value) is not None
+            or value.startswith(("xn--", "sthree-"))
+            or value.endswith(("-s3alias", "--ol-s3"))
+        )
+        if reserved or not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", value):
             raise ValueError(
                 "expected an S3 bucket name: 3 to 63 lower-case letters, digits, "
-                "dots and hyphens, starting and ending with a letter or digit"
+                "dots and hyphens, starting and ending with a letter or digit (not "
+                "'..', an IP address, xn--/sthree- or -s3alias/--ol-s3)"
             )
         return value
 
@@ -399,12 +434,11 @@ def load_settings(
     tree = _read_yaml(path)
     settings = _validate(tree, source=str(path or "defaults"))
     env = os.environ if environ is None else environ
-    from_env = {ENV_VARS[name]: env[name] for name in ENV_VARS if env.get(name)}
-    if from_env:
-        names = ", ".join(n for n in ENV_VARS if env.get(n))
-        settings = settings.with_overrides(
-            from_env, source=f"environment variables ({names})"
-        )
+    for name in ENV_VARS:  # one at a time, so an error names its variable
+        if env.get(name):
+            settings = settings.with_overrides(
+                {ENV_VARS[name]: env[name]}, source=f"environment variable {name}"
+            )
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     if not given:
         return settings
@@ -422,7 +456,7 @@ def _read_yaml(path: str | Path | None) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from exc
     try:
-        tree = yaml.safe_load(text) or {}
+        tree = yaml.load(text, Loader=_Loader) or {}  # _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(
             f"config file {str(path)!r} is not valid YAML: {exc}"
@@ -457,6 +491,6 @@ def _parse_string(value: Any, section: str, key: str) -> Any:
     if types <= {str, type(None)}:
         return value
     try:
-        return yaml.safe_load(value)
+        return yaml.load(value, Loader=_Loader)  # _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(f"setting {key!r}: cannot parse {value!r}: {exc}") from exc

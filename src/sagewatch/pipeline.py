@@ -34,12 +34,12 @@ from sagewatch.manifest import (
 )
 from sagewatch.reference import FileReference, TableReference
 from sagewatch.report import write_report
-from sagewatch.schema import ENTITY, LABEL, TIMESTAMP, Dataset, load_raw
+from sagewatch.schema import LABEL, TIMESTAMP, Dataset, load_raw
 from sagewatch.stage_tables import (
     EVERY_FEATURE,
-    FEATURES_TABLE,
     SCORES_CSV,
     SCORES_PARQUET,
+    feature_part_schemas,
     read_features,
     read_scores,
     require,
@@ -263,15 +263,7 @@ def _feature_files(uri: str, settings: Settings) -> tuple[list[str], list[str]] 
     files = storage.list_files(uri)
     if not all(f.endswith(".parquet") for f in files):
         return None
-    schemas = {f: storage.scan_table(f).collect_schema() for f in files}
-    for path, schema in schemas.items():
-        names = schema.names()
-        require_names(names, path, [TIMESTAMP, ENTITY], FEATURES_TABLE)
-        if not sensors_of(names) or not isinstance(schema[TIMESTAMP], pl.Datetime):
-            raise InputError(
-                f"{path}: no '<sensor>__<statistic>' columns or no typed timestamps; "
-                f"expected {FEATURES_TABLE}"
-            )
+    schemas = feature_part_schemas(files)
     if len({schema[TIMESTAMP] for schema in schemas.values()}) > 1:
         return None
     every = list(dict.fromkeys(c for schema in schemas.values() for c in schema))

@@ -38,6 +38,26 @@ def scores_columns(scores: pl.DataFrame | str) -> list[str]:
     return storage.scan_table(scores).collect_schema().names()
 
 
+def feature_part_schemas(files: list[str]) -> dict[str, pl.Schema]:
+    """The schema of each part file of a features table, each checked to be one:
+    a timestamp of a date-time type, an entity and ``<sensor>__<statistic>``
+    columns (so a scores table caught by the same glob is refused).
+
+    Raises:
+        InputError: a file that is not a features table, named.
+    """
+    schemas = {f: storage.scan_table(f).collect_schema() for f in files}
+    for path, schema in schemas.items():
+        names = schema.names()
+        require_names(names, path, [TIMESTAMP, ENTITY], FEATURES_TABLE)
+        if not sensors_of(names) or not isinstance(schema[TIMESTAMP], pl.Datetime):
+            raise InputError(
+                f"{path}: no '<sensor>__<statistic>' columns or no typed timestamps; "
+                f"expected {FEATURES_TABLE}"
+            )
+    return schemas
+
+
 def read_features(uri: str) -> pl.DataFrame:
     """Read a features table (file or folder of parts) in canonical order.
 
@@ -47,6 +67,7 @@ def read_features(uri: str) -> pl.DataFrame:
     Raises:
         InputError: the table is not one ``sagewatch features`` wrote.
     """
+    feature_part_schemas(storage.list_files(uri))
     features = storage.read_table(uri)
     require(features, uri, [TIMESTAMP, ENTITY], FEATURES_TABLE)
     if not sensors_of(features.columns) or features.schema[TIMESTAMP] != pl.Datetime:

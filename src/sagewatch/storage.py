@@ -142,6 +142,16 @@ def s3_client() -> Any:
     return _s3.client()
 
 
+def check_aws_environment() -> None:
+    """Refuse malformed AWS variables (``AWS_ENDPOINT_URL``, ``AWS_MAX_ATTEMPTS``,
+    ``AWS_RETRY_MODE``) with one line naming the variable, as botocore does not.
+
+    Raises:
+        StorageError: one of them cannot be used.
+    """
+    _s3.check_environment()
+
+
 def aws_region() -> str | None:
     """The AWS region in use: ``AWS_REGION`` (which botocore does not read), else
     ``AWS_DEFAULT_REGION`` or the profile's; None when none is set.
@@ -214,6 +224,11 @@ def _local_errors(uri: str, action: str) -> Iterator[None]:
         ) from exc
     except OSError as exc:
         raise StorageError(f"cannot {action} {uri}: {exc.strerror or exc}") from exc
+    except pl.exceptions.ComputeError as exc:  # polars' own I/O errors
+        if action != "write":
+            raise
+        first = str(exc).strip().splitlines()[0]
+        raise StorageError(f"cannot write {uri}: {first}") from exc
 
 
 def file_info(uri: str, rows: int | None = None) -> FileInfo:
@@ -669,11 +684,11 @@ def _publish(batch: _Batch) -> None:
                 with _local_errors(final, "write"):
                     os.replace(staged, final)
                 done.append(final)
-    except StorageError:
+    except BaseException:  # a failed copy, or a signal while copying
         if done:
             log.error(
                 "%s: %d of %d new files were put in place before the failure (%s); "
-                "the others are the previous run's: run the stage again",
+                "the others are as they were: run the stage again",
                 batch.folder,
                 len(done),
                 len(batch.moves),

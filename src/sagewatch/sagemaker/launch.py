@@ -57,6 +57,7 @@ def sagemaker_client(region: str | None) -> Any:
     import boto3
     from botocore.exceptions import BotoCoreError, NoRegionError
 
+    storage.check_aws_environment()
     try:
         return boto3.client("sagemaker", region_name=region or default_region())
     except NoRegionError as exc:

@@ -20,7 +20,7 @@ import polars as pl
 
 from sagewatch import storage
 from sagewatch.errors import InputError
-from sagewatch.schema import ENTITY, TIMESTAMP
+from sagewatch.schema import ENTITY
 from sagewatch.streaming._chunks import (
     Chunk,
     NotGroupedError,
@@ -79,7 +79,9 @@ def stream_scores(
     try:
         if total is None or total <= chunk_rows:
             raise _Fallback(f"{total} rows, not more than one chunk of {chunk_rows}")
-        _check_features_schema(files[0])
+        from sagewatch.stage_tables import feature_part_schemas  # imports reference
+
+        feature_part_schemas(files)  # a scores table in the glob is refused
         rows: Counter[str] = Counter()
         result = _stream_scores(
             files,
@@ -106,12 +108,6 @@ def stream_scores(
         100.0 * result.flagged / max(result.rows, 1),
     )
     return result
-
-
-def _check_features_schema(path: str) -> None:
-    schema = storage.scan_table(path).collect_schema()
-    if ENTITY not in schema or not isinstance(schema.get(TIMESTAMP), pl.Datetime):
-        raise _Fallback(f"{path} is not a features table")
 
 
 def _stream_scores(
