@@ -251,3 +251,19 @@ def test_score_refuses_a_scores_table_caught_by_its_features_glob(
         f"{tmp_path}/scores/anomaly_scores.parquet: no '<sensor>__<statistic>'" in out
     )
     assert not (tmp_path / "again").exists()
+
+
+def test_features_refuse_an_output_folder_inside_their_input(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    code, _ = _invoke("-q", "generate", "--output-dir", str(raw), *SMALL[:4])
+    assert code == 0
+    before = sorted(p.name for p in raw.rglob("*"))
+
+    for output in (raw, raw / "features"):
+        code, out = _invoke(
+            "features", "--input", str(raw), "--output-dir", str(output)
+        )
+        assert code == 2
+        assert "is the raw input folder" in out
+
+    assert sorted(p.name for p in raw.rglob("*")) == before

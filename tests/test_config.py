@@ -294,3 +294,10 @@ def test_a_sexagesimal_number_in_a_file_is_refused(tmp_path: Path) -> None:
         load_settings(
             _yaml(tmp_path, "features:\n  rolling_window: 1:00\n"), environ={}
         )
+
+
+def test_infinite_or_nan_numbers_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model\.learning_rate"):
+        load_settings(_yaml(tmp_path, "model:\n  learning_rate: .inf\n"), environ={})
+    with pytest.raises(ConfigError, match="threshold_margin"):
+        load_settings(None, environ={}, overrides={"threshold_margin": "nan"})

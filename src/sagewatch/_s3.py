@@ -31,6 +31,8 @@ log = logging.getLogger("sagewatch.storage")
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 120
 _CHUNK = 8 * 1024 * 1024
+# Connections kept per client: copies run several at a time, each in parts.
+_POOL_CONNECTIONS = 64
 
 # The environment that decides which client is right; a change builds a new one.
 _AWS_ENV = (
@@ -94,7 +96,11 @@ def _new_connection(_state: str) -> tuple[Any, Any]:
     check_environment()
     try:
         session = boto3.session.Session()
-        config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S)
+        config = Config(
+            connect_timeout=CONNECT_TIMEOUT_S,
+            read_timeout=READ_TIMEOUT_S,
+            max_pool_connections=_POOL_CONNECTIONS,
+        )
         s3 = session.client(
             "s3", region_name=region(session) or "us-east-1", config=config
         )

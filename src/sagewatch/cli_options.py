@@ -35,6 +35,9 @@ class _Terminated(BaseException):
 
 
 def _terminate(signum: int, frame: Any) -> None:
+    # Raised wherever the program is, as Ctrl-C is; should that be somewhere it
+    # cannot unwind from (inside an import), a second SIGTERM ends it outright.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise _Terminated
 
 

@@ -75,7 +75,7 @@ _Loader.add_constructor(_INT, lambda loader, node: int(node.value, 10))
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod

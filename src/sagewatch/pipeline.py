@@ -18,7 +18,7 @@ import polars as pl
 
 from sagewatch import storage, streaming
 from sagewatch.config import Settings
-from sagewatch.errors import InputError
+from sagewatch.errors import ConfigError, InputError
 from sagewatch.features import build_features, feature_names, sensors_of
 from sagewatch.manifest import (
     MANIFEST,
@@ -120,6 +120,12 @@ def stage_features(
     result, and the features then come back as the URI of ``output_dir``;
     otherwise (and for a ``dataset`` already in memory) they come back as a table.
     """
+    if dataset is None and storage.is_within(output_dir, input_uri):
+        raise ConfigError(
+            f"output folder {output_dir} is the raw input folder {input_uri} or "
+            "inside it: the feature files would be read as raw input next time; "
+            "choose another output folder"
+        )
     with (
         Timer() as timer,
         storage.track_reads() as reads,

@@ -88,6 +88,17 @@ def join(base: str | os.PathLike[str], *parts: str) -> str:
     return str(Path(base, *parts))
 
 
+def is_within(uri: str, folder: str) -> bool:
+    """Whether ``uri`` is the folder ``folder`` or lies inside it (False for a
+    glob ``folder``)."""
+    if is_s3(uri) != is_s3(folder) or any(ch in folder for ch in "*?["):
+        return False
+    if is_s3(uri):
+        return (uri.rstrip("/") + "/").startswith(folder.rstrip("/") + "/")
+    inner, outer = Path(uri).resolve(), Path(folder).resolve()
+    return inner == outer or outer in inner.parents
+
+
 def split_s3(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
     return _s3.split(uri)
@@ -701,24 +712,21 @@ def _publish(batch: _Batch) -> None:
 
 def _copy_all(moves: list[tuple[str, str]], done: list[str]) -> None:
     """Copy each staged object onto its final key, several at a time; raise the
-    first failure once every copy has ended, ``done`` naming those that worked."""
+    first failure once the copies under way have ended (those not started are
+    dropped), ``done`` naming those that worked."""
     from concurrent.futures import ThreadPoolExecutor
 
-    failures: list[StorageError] = []
-
     def put(staged: str, final: str) -> None:
-        try:
-            _s3.copy(staged, final)
-            done.append(final)  # list.append is atomic
-        except StorageError as exc:
-            failures.append(exc)
+        _s3.copy(staged, final)
+        done.append(final)  # list.append is atomic
 
-    with ThreadPoolExecutor(_COPY_THREADS, thread_name_prefix="sagewatch-copy") as pool:
-        for staged, final in moves:
-            if is_s3(final):
-                pool.submit(put, staged, final)
-    if failures:
-        raise failures[0]
+    pool = ThreadPoolExecutor(_COPY_THREADS, thread_name_prefix="sagewatch-copy")
+    try:
+        futures = [pool.submit(put, staged, final) for staged, final in moves]
+        for future in futures:
+            future.result()
+    finally:  # on a failure or a signal: no new copies, wait for those running
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _discard(batch: _Batch) -> None:
