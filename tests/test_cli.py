@@ -267,3 +267,22 @@ def test_features_refuse_an_output_folder_inside_their_input(tmp_path: Path) -> 
         assert "is the raw input folder" in out
 
     assert sorted(p.name for p in raw.rglob("*")) == before
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    import click
+
+    def commands(group: click.Group, prefix: str):
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                yield from commands(command, f"{prefix}{name} ")
+            else:
+                yield f"{prefix}{name}", command
+
+    missing = [
+        f"{name} {param.opts[0]}"
+        for name, command in commands(main, "")
+        for param in command.params
+        if isinstance(param, click.Option) and not param.help
+    ]
+    assert missing == []

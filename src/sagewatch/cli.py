@@ -162,10 +162,15 @@ def _print_summary(result: Any) -> None:
 
 
 @main.command("generate")
-@click.option("--output-dir", default="data/raw", show_default=True)
+@click.option(
+    "--output-dir",
+    default="data/raw",
+    show_default=True,
+    help="Folder or s3:// prefix for one CSV per machine.",
+)
 @config_option
-@click.option("--n-samples", type=int, default=None)
-@click.option("--n-machines", type=int, default=None)
+@click.option("--n-samples", type=int, default=None, help="Rows per machine.")
+@click.option("--n-machines", type=int, default=None, help="Number of machines.")
 @seed_option
 @handle_errors
 def generate_cmd(output_dir: str, config: str | None, **kwargs: Any) -> None:
@@ -185,7 +190,12 @@ def generate_cmd(output_dir: str, config: str | None, **kwargs: Any) -> None:
     required=True,
     help="Raw data: file, folder, glob or s3:// URI.",
 )
-@click.option("--output-dir", default="data/features", show_default=True)
+@click.option(
+    "--output-dir",
+    default="data/features",
+    show_default=True,
+    help="Folder or s3:// prefix for one Parquet file per entity.",
+)
 @config_option
 @input_options
 @handle_errors
@@ -208,7 +218,12 @@ def features_cmd(
 @click.option(
     "--input", "input_uri", required=True, help="Features (Parquet file or folder)."
 )
-@click.option("--model-dir", default="data/model", show_default=True)
+@click.option(
+    "--model-dir",
+    default="data/model",
+    show_default=True,
+    help="Folder or s3:// prefix to save the detector to.",
+)
 @config_option
 @seed_option
 @reference_options
@@ -236,8 +251,18 @@ def train_cmd(
 @click.option(
     "--input", "input_uri", required=True, help="Features (Parquet file or folder)."
 )
-@click.option("--model-dir", default="data/model", show_default=True)
-@click.option("--output-dir", default="data/scores", show_default=True)
+@click.option(
+    "--model-dir",
+    default="data/model",
+    show_default=True,
+    help="Folder or s3:// prefix of a detector saved by train.",
+)
+@click.option(
+    "--output-dir",
+    default="data/scores",
+    show_default=True,
+    help="Folder or s3:// prefix for anomaly_scores.csv and .parquet.",
+)
 @config_option
 @handle_errors
 def score_cmd(
@@ -265,7 +290,12 @@ def score_cmd(
     required=True,
     help="Scores (anomaly_scores.csv or .parquet).",
 )
-@click.option("--output-dir", default="data/evaluation", show_default=True)
+@click.option(
+    "--output-dir",
+    default="data/evaluation",
+    show_default=True,
+    help="Folder or s3:// prefix for the JSON and HTML report.",
+)
 @click.option("--top-n", type=int, default=None, help="Rows in the top-scores table.")
 @click.option(
     "--percentiles",
