@@ -235,3 +235,45 @@ def test_a_score_stage_failing_to_write_keeps_both_previous_copies(
         "anomaly_scores.csv",
         "anomaly_scores.parquet",
     ]
+
+
+def test_parts_of_two_feature_runs_are_refused_naming_both(
+    tmp_path: Path, small_settings
+) -> None:
+    import shutil
+
+    import pytest
+
+    from sagewatch import storage, streaming
+    from sagewatch.errors import InputError
+    from sagewatch.pipeline import (
+        stage_features,
+        stage_generate,
+        stage_score,
+        stage_train,
+    )
+
+    raw, _ = stage_generate(small_settings, str(tmp_path / "raw"))
+    five = small_settings.with_overrides({"rolling_window": 5})
+    six = small_settings.with_overrides({"rolling_window": 6})
+    stage_features(five, raw, str(tmp_path / "a"))
+    stage_features(six, raw, str(tmp_path / "b"), chunk_rows=100)  # streamed
+    model, _ = stage_train(five, str(tmp_path / "a"), str(tmp_path / "m"))
+    for folder, window in (("a", 5), ("b", 6)):
+        for part in (tmp_path / folder).glob("*.parquet"):
+            recorded = storage.parquet_metadata(str(part))[streaming.STAMP_KEY]
+            assert f'"rolling_window": {window}' in recorded
+    mixed = tmp_path / "a" / "features-machine_002.parquet"
+    shutil.copy(tmp_path / "b" / "features-machine_002.parquet", mixed)
+
+    for stage in (
+        lambda: stage_train(five, str(tmp_path / "a"), str(tmp_path / "m2")),
+        lambda: stage_score(five, str(tmp_path / "a"), model, str(tmp_path / "s")),
+    ):
+        with pytest.raises(InputError) as caught:
+            stage()
+        message = str(caught.value)
+        assert "features-machine_001.parquet and " in message
+        assert str(mixed) in message
+        assert '"rolling_window": 5' in message and '"rolling_window": 6' in message
+    assert not (tmp_path / "m2").exists() and not (tmp_path / "s").exists()

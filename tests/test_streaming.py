@@ -366,11 +366,11 @@ def test_a_failed_write_on_the_writer_thread_stops_the_stage_and_leaves_nothing(
     raw = _write(_raw(), tmp_path / "raw" / "fleet.parquet")
     real, calls = _writers._write_parquet, []
 
-    def write(part: pl.DataFrame, path: str) -> None:
+    def write(part: pl.DataFrame, path: str, metadata: dict | None) -> None:
         calls.append(path)
         if len(calls) == 2:  # pump-3, after pump-2; the rest is appended
             raise StorageError(f"cannot write {path}: disk full")
-        real(part, path)
+        real(part, path, metadata)
 
     monkeypatch.setattr(_writers, "_write_parquet", write)
     with pytest.raises(StorageError, match="disk full"):

@@ -155,7 +155,13 @@ def stage_features(
             out = build_features(
                 data.frame, data.sensors, settings.features, data.passthrough
             )
-            infos = streaming.write_features(out, output_dir)
+            infos = streaming.write_features(
+                out,
+                output_dir,
+                streaming.stamp(
+                    settings.features.rolling_window, settings.features.statistics
+                ),
+            )
             quality, sensors, rows_out = data.quality, data.sensors, out.height
             inputs = as_dicts(reads) if dataset is None else describe_inputs(input_uri)
     with Timer() as cleanup:  # once every new part is in place

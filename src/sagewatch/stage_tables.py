@@ -55,7 +55,29 @@ def feature_part_schemas(files: list[str]) -> dict[str, pl.Schema]:
                 f"{path}: no '<sensor>__<statistic>' columns or no typed timestamps; "
                 f"expected {FEATURES_TABLE}"
             )
+    _refuse_mixed_runs(files)
     return schemas
+
+
+def _refuse_mixed_runs(files: list[str]) -> None:
+    """Refuse part files computed with different feature settings (a folder that
+    holds parts of two runs), named with the settings of each. Files without the
+    record (written by hand, or by an earlier version) are not compared."""
+    from sagewatch.streaming import STAMP_KEY  # imports this module's users
+
+    stamps: dict[str, str] = {}
+    for path in files:
+        if path.endswith(".parquet"):
+            recorded = storage.parquet_metadata(path).get(STAMP_KEY)
+            if recorded is not None:
+                stamps.setdefault(recorded, path)
+    if len(stamps) > 1:
+        (a, first), (b, second) = list(stamps.items())[:2]
+        raise InputError(
+            f"{first} and {second}: feature files computed with different "
+            f"settings ({a} and {b}); expected the parts of one features run "
+            "(compute the features again)"
+        )
 
 
 def read_features(uri: str) -> pl.DataFrame:

@@ -188,6 +188,20 @@ def storage_options() -> dict[str, Any]:
     return _s3.polars_options()
 
 
+def parquet_metadata(uri: str) -> dict[str, str]:
+    """The key-value metadata of a Parquet file's footer (only the footer is read).
+
+    Raises:
+        StorageError: the file cannot be read.
+    """
+    options = storage_options() if is_s3(uri) else {}
+    try:
+        return pl.read_parquet_metadata(uri, **options)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc
+        raise StorageError(f"cannot read the metadata of {uri}: {first}") from exc
+
+
 # ----------------------------------------------------------------------------- bytes
 
 

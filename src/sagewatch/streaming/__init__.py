@@ -45,11 +45,12 @@ from sagewatch.streaming._scores import (
     context_rows,
     stream_scores,
 )
-from sagewatch.streaming._writers import write_features
+from sagewatch.streaming._writers import STAMP_KEY, stamp, write_features
 
 __all__ = [
     "CHUNK_ROWS",
     "FEATURE_CHUNK_ROWS",
+    "STAMP_KEY",
     "Chunk",
     "FeaturesResult",
     "NotGroupedError",
@@ -58,6 +59,7 @@ __all__ = [
     "context_rows",
     "entity_chunks",
     "feature_chunks",
+    "stamp",
     "stream_features",
     "stream_scores",
     "write_features",

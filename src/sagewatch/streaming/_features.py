@@ -38,7 +38,7 @@ from sagewatch.streaming._chunks import (
 )
 from sagewatch.streaming._progress import Progress
 from sagewatch.streaming._quality import _Quality
-from sagewatch.streaming._writers import _EntityWriter
+from sagewatch.streaming._writers import _EntityWriter, stamp
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ def stream_features(
         if total is not None and total <= chunk_rows:
             raise _Fallback(f"{total} rows fit in one chunk of {chunk_rows}")
         _same_schema(files, data.sep)
-        with _EntityWriter(output_dir) as writer, _held_logs() as held:
+        metadata = stamp(settings.features.rolling_window, settings.features.statistics)
+        with _EntityWriter(output_dir, metadata) as writer, _held_logs() as held:
             result = _stream_features(
                 settings, input_uri, files, writer, chunk_rows, total, progress
             )
