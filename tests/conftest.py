@@ -93,7 +93,13 @@ def s3_denied(s3_bucket: str, moto_server: str, monkeypatch: pytest.MonkeyPatch)
     user = f"reader-{s3_bucket[-8:]}"
     iam.create_user(UserName=user)
     statements = [
-        {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": "*"},
+        # AWS authorises listing as s3:ListBucket; moto 5.2 checks the operation
+        # name s3:ListObjectsV2 instead, so the policy allows both.
+        {
+            "Effect": "Allow",
+            "Action": ["s3:ListBucket", "s3:ListObjectsV2"],
+            "Resource": "*",
+        },
         {"Effect": "Deny", "Action": ["s3:GetObject", "s3:PutObject"], "Resource": "*"},
     ]
     iam.put_user_policy(

@@ -277,3 +277,24 @@ def test_parts_of_two_feature_runs_are_refused_naming_both(
         assert str(mixed) in message
         assert '"rolling_window": 5' in message and '"rolling_window": 6' in message
     assert not (tmp_path / "m2").exists() and not (tmp_path / "s").exists()
+
+
+def test_the_same_statistics_in_another_order_are_one_run(
+    tmp_path: Path, small_settings
+) -> None:
+    import shutil
+
+    from sagewatch.pipeline import stage_features, stage_generate, stage_train
+
+    raw, _ = stage_generate(small_settings, str(tmp_path / "raw"))
+    listed = small_settings.features.statistics
+    turned = small_settings.with_overrides({"statistics": list(reversed(listed))})
+    stage_features(small_settings, raw, str(tmp_path / "a"))
+    stage_features(turned, raw, str(tmp_path / "b"))
+    shutil.copy(
+        tmp_path / "b" / "features-machine_002.parquet",
+        tmp_path / "a" / "features-machine_002.parquet",
+    )
+
+    detector, _ = stage_train(small_settings, str(tmp_path / "a"), str(tmp_path / "m"))
+    assert detector.threshold_ > 0

@@ -31,8 +31,11 @@ log = logging.getLogger("sagewatch.storage")
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 120
 _CHUNK = 8 * 1024 * 1024
-# Connections kept per client: copies run several at a time, each in parts.
-_POOL_CONNECTIONS = 64
+# Copies of large objects go in parts, this many at once per object; storage runs
+# COPY_OBJECTS copies at once: the pool holds them all, with room for other calls.
+COPY_PART_THREADS = 4
+COPY_OBJECTS = 16
+_POOL_CONNECTIONS = COPY_PART_THREADS * COPY_OBJECTS + 16
 
 # The environment that decides which client is right; a change builds a new one.
 _AWS_ENV = (
@@ -370,6 +373,14 @@ def transfer_config() -> Any:
     return TransferConfig(use_threads=True)
 
 
+def _copy_config() -> Any:
+    """Parts of one large copy in flight at once: storage copies several objects at
+    a time, and together they must fit the client's connection pool."""
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(use_threads=True, max_concurrency=COPY_PART_THREADS)
+
+
 def upload(local: str, uri: str) -> None:
     """Upload a complete local file in one request or one multipart upload.
 
@@ -391,7 +402,7 @@ def copy(source: str, uri: str) -> None:
             {"Bucket": source_bucket, "Key": source_key},
             bucket,
             key,
-            Config=transfer_config(),
+            Config=_copy_config(),
         )
     log.debug("copied %s to %s", source, uri)
 

@@ -695,10 +695,6 @@ def _upload_target(uri: str) -> str:
     return staged
 
 
-# Server-side copies in flight at once when a stage's files are put in place on S3.
-_COPY_THREADS = 16
-
-
 def _publish(batch: _Batch) -> None:
     done: list[str] = []
     try:
@@ -734,7 +730,7 @@ def _copy_all(moves: list[tuple[str, str]], done: list[str]) -> None:
         _s3.copy(staged, final)
         done.append(final)  # list.append is atomic
 
-    pool = ThreadPoolExecutor(_COPY_THREADS, thread_name_prefix="sagewatch-copy")
+    pool = ThreadPoolExecutor(_s3.COPY_OBJECTS, thread_name_prefix="sagewatch-copy")
     try:
         futures = [pool.submit(put, staged, final) for staged, final in moves]
         for future in futures:

@@ -35,7 +35,7 @@ STAMP_KEY = "sagewatch.features"
 
 def stamp(rolling_window: int, statistics: list[str]) -> dict[str, str]:
     """The metadata a feature file carries (see :data:`STAMP_KEY`)."""
-    value = {"rolling_window": rolling_window, "statistics": list(statistics)}
+    value = {"rolling_window": rolling_window, "statistics": sorted(statistics)}
     return {STAMP_KEY: json.dumps(value, sort_keys=True)}
 
 
