@@ -87,6 +87,14 @@ def test_unknown_section_is_refused(tmp_path: Path) -> None:
         load_settings(_yaml(tmp_path, "modle:\n  epochs: 3\n"), environ={})
 
 
+def test_a_statistic_listed_twice_or_none_is_refused(tmp_path: Path) -> None:
+    twice = _yaml(tmp_path, "features:\n  statistics: [value, mean, value]\n")
+    with pytest.raises(ConfigError, match=r"features\.statistics.*value twice"):
+        load_settings(twice, environ={})
+    with pytest.raises(ConfigError, match=r"features\.statistics"):
+        load_settings(_yaml(tmp_path, "features:\n  statistics: []\n"), environ={})
+
+
 def test_wrong_type_from_env_names_the_setting() -> None:
     with pytest.raises(ConfigError, match=r"model\.epochs.*'three'"):
         load_settings(None, environ={"EPOCHS": "three"})

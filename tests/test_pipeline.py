@@ -298,3 +298,33 @@ def test_the_same_statistics_in_another_order_are_one_run(
 
     detector, _ = stage_train(small_settings, str(tmp_path / "a"), str(tmp_path / "m"))
     assert detector.threshold_ > 0
+
+
+def test_a_record_listing_statistics_unsorted_is_the_same_run(
+    tmp_path: Path, small_settings
+) -> None:
+    """Files whose record lists the statistics in the configured order (as written
+    before records were sorted) join files with a sorted record."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from sagewatch.pipeline import stage_features, stage_generate, stage_train
+    from sagewatch.streaming import STAMP_KEY
+
+    raw, _ = stage_generate(small_settings, str(tmp_path / "raw"))
+    stage_features(small_settings, raw, str(tmp_path / "f"))
+    part = tmp_path / "f" / "features-machine_002.parquet"
+    table = pq.read_table(part)
+    recorded = json.loads(pq.read_metadata(part).metadata[STAMP_KEY.encode()])
+    assert recorded["statistics"] == sorted(small_settings.features.statistics)
+    recorded["statistics"] = list(small_settings.features.statistics)
+    assert recorded["statistics"] != sorted(recorded["statistics"])
+    old = {STAMP_KEY: json.dumps(recorded)}
+    pq.write_table(table.replace_schema_metadata(old), part)
+    assert (
+        pq.read_metadata(part).metadata[STAMP_KEY.encode()] == old[STAMP_KEY].encode()
+    )
+
+    detector, _ = stage_train(small_settings, str(tmp_path / "f"), str(tmp_path / "m"))
+    assert detector.threshold_ > 0

@@ -204,8 +204,17 @@ class FeatureSettings(_Section):
     statistics: list[
         Literal["value", "mean", "std", "min", "max", "range", "slope", "change"]
     ] = Field(
-        default_factory=lambda: ["value", "mean", "std", "range", "slope", "change"]
+        default_factory=lambda: ["value", "mean", "std", "range", "slope", "change"],
+        min_length=1,
     )
+
+    @field_validator("statistics")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"each statistic once, got {', '.join(repeated)} twice")
+        return value
 
 
 class ModelSettings(_Section):
@@ -471,8 +480,8 @@ def _validate(tree: Mapping[str, Any], *, source: str) -> Settings:
         return Settings.model_validate(tree)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
-            f" (got {err.get('input')!r})"
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: "
+            f"{err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
             for err in exc.errors()
         )
         raise ConfigError(f"invalid configuration from {source}: {problems}") from exc

@@ -9,6 +9,7 @@ Errors name the file, the column and the CSV line or Parquet row.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 
 import polars as pl
@@ -70,7 +71,7 @@ def _refuse_mixed_runs(files: list[str]) -> None:
         if path.endswith(".parquet"):
             recorded = storage.parquet_metadata(path).get(STAMP_KEY)
             if recorded is not None:
-                stamps.setdefault(recorded, path)
+                stamps.setdefault(_canonical_stamp(recorded), path)
     if len(stamps) > 1:
         (a, first), (b, second) = list(stamps.items())[:2]
         raise InputError(
@@ -78,6 +79,18 @@ def _refuse_mixed_runs(files: list[str]) -> None:
             f"settings ({a} and {b}); expected the parts of one features run "
             "(compute the features again)"
         )
+
+
+def _canonical_stamp(recorded: str) -> str:
+    """The record with its statistics sorted: their order does not change the
+    values of any column, and files written before the record was sorted list
+    them in the configured order."""
+    try:
+        value = json.loads(recorded)
+        value["statistics"] = sorted(value["statistics"])
+    except (ValueError, TypeError, KeyError):
+        return recorded  # not ours to interpret: compared as written
+    return json.dumps(value, sort_keys=True)
 
 
 def read_features(uri: str) -> pl.DataFrame:
