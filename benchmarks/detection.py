@@ -157,7 +157,7 @@ def _seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "dataset": dataset,
                 "method": method,
                 "seeds": [r["seed"] for r in runs],
-                "pr_auc_mean": round(sum(pr) / len(pr), 4) if pr else None,
+                "pr_auc_mean": sum(pr) / len(pr) if pr else None,
                 "pr_auc_min": min(pr, default=None),
                 "pr_auc_max": max(pr, default=None),
                 "seeds_meeting_goal": goal if dataset == "skab" else None,

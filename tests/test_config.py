@@ -88,11 +88,27 @@ def test_unknown_section_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_statistic_listed_twice_or_none_is_refused(tmp_path: Path) -> None:
-    twice = _yaml(tmp_path, "features:\n  statistics: [value, mean, value]\n")
-    with pytest.raises(ConfigError, match=r"features\.statistics.*value twice"):
-        load_settings(twice, environ={})
-    with pytest.raises(ConfigError, match=r"features\.statistics"):
+    thrice = _yaml(tmp_path, "features:\n  statistics: [value, mean, value, value]\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(thrice, environ={})
+    assert str(caught.value).endswith(
+        "features.statistics: expected each statistic once, got value more than "
+        "once (got ['value', 'mean', 'value', 'value'])"
+    )
+    with pytest.raises(ConfigError, match=r"features\.statistics: expected at least"):
         load_settings(_yaml(tmp_path, "features:\n  statistics: []\n"), environ={})
+
+
+def test_a_check_across_settings_names_its_values_once(tmp_path: Path) -> None:
+    path = _yaml(tmp_path, "model:\n  kernel_size: 4\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    assert str(caught.value).endswith("model: kernel_size must be odd, got 4")
+    with pytest.raises(ConfigError) as caught:
+        Settings().with_overrides({"label_column": "machine_id"})
+    assert str(caught.value).endswith(
+        "settings: label_column 'machine_id' is also the timestamp or entity column"
+    )
 
 
 def test_wrong_type_from_env_names_the_setting() -> None:

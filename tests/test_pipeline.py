@@ -328,3 +328,30 @@ def test_a_record_listing_statistics_unsorted_is_the_same_run(
 
     detector, _ = stage_train(small_settings, str(tmp_path / "f"), str(tmp_path / "m"))
     assert detector.threshold_ > 0
+
+
+def test_a_record_not_written_by_sagewatch_is_compared_as_written() -> None:
+    from sagewatch.stage_tables import _canonical_stamp, _shown
+
+    ours = '{"rolling_window": 12, "statistics": ["value", "mean"]}'
+    assert _canonical_stamp(ours) == _canonical_stamp(
+        '{"statistics":["mean","value"],"rolling_window":12}'
+    )
+    assert _canonical_stamp(ours) != _canonical_stamp(
+        '{"rolling_window": 13, "statistics": ["value", "mean"]}'
+    )
+    deep = "[" * 100_000 + "]" * 100_000
+    for foreign in (
+        "not json",
+        deep,
+        '{"statistics": ' + deep + "}",
+        '{"rolling_window": 12, "statistics": "mean"}',
+        '{"rolling_window": 12, "statistics": [1, 2]}',
+        '["value", "mean"]',
+    ):
+        assert _canonical_stamp(foreign) == foreign
+    assert _canonical_stamp('{"statistics": "mean"}') != _canonical_stamp(
+        '{"statistics": "name"}'
+    )
+    assert _shown("x" * 500) == "x" * 200 + "... (500 characters)"
+    assert _shown(ours) == ours

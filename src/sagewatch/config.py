@@ -205,15 +205,19 @@ class FeatureSettings(_Section):
         Literal["value", "mean", "std", "min", "max", "range", "slope", "change"]
     ] = Field(
         default_factory=lambda: ["value", "mean", "std", "range", "slope", "change"],
-        min_length=1,
     )
 
     @field_validator("statistics")
     @classmethod
     def _distinct(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("expected at least one statistic")
         repeated = sorted({name for name in value if value.count(name) > 1})
         if repeated:
-            raise ValueError(f"each statistic once, got {', '.join(repeated)} twice")
+            names = ", ".join(repeated)
+            raise ValueError(
+                f"expected each statistic once, got {names} more than once"
+            )
         return value
 
 
@@ -479,12 +483,21 @@ def _validate(tree: Mapping[str, Any], *, source: str) -> Settings:
     try:
         return Settings.model_validate(tree)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: "
-            f"{err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
-            for err in exc.errors()
-        )
+        problems = "; ".join(_problem(err) for err in exc.errors())
         raise ConfigError(f"invalid configuration from {source}: {problems}") from exc
+
+
+def _problem(err: Mapping[str, Any]) -> str:
+    """One validation error: the setting, what was wrong, and the value found.
+
+    A check across several settings names them and their values itself; the
+    section or tree it ran on is not repeated.
+    """
+    where = ".".join(str(p) for p in err["loc"]) or "settings"
+    message = err["msg"].removeprefix("Value error, ")
+    if isinstance(err.get("input"), Mapping):
+        return f"{where}: {message}"
+    return f"{where}: {message} (got {err.get('input')!r})"
 
 
 def _parse_string(value: Any, section: str, key: str) -> Any:

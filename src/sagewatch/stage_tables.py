@@ -76,7 +76,8 @@ def _refuse_mixed_runs(files: list[str]) -> None:
         (a, first), (b, second) = list(stamps.items())[:2]
         raise InputError(
             f"{first} and {second}: feature files computed with different "
-            f"settings ({a} and {b}); expected the parts of one features run "
+            f"settings ({_shown(a)} and {_shown(b)}); expected the parts of one "
+            "features run "
             "(compute the features again)"
         )
 
@@ -84,13 +85,26 @@ def _refuse_mixed_runs(files: list[str]) -> None:
 def _canonical_stamp(recorded: str) -> str:
     """The record with its statistics sorted: their order does not change the
     values of any column, and files written before the record was sorted list
-    them in the configured order."""
+    them in the configured order. A record that is not ours is compared as
+    written."""
     try:
         value = json.loads(recorded)
-        value["statistics"] = sorted(value["statistics"])
-    except (ValueError, TypeError, KeyError):
-        return recorded  # not ours to interpret: compared as written
-    return json.dumps(value, sort_keys=True)
+    except (ValueError, RecursionError):
+        return recorded
+    statistics = value.get("statistics") if isinstance(value, dict) else None
+    if not isinstance(statistics, list) or not all(
+        isinstance(name, str) for name in statistics
+    ):
+        return recorded
+    return json.dumps({**value, "statistics": sorted(statistics)}, sort_keys=True)
+
+
+def _shown(record: str, limit: int = 200) -> str:
+    return (
+        record
+        if len(record) <= limit
+        else f"{record[:limit]}... ({len(record)} characters)"
+    )
 
 
 def read_features(uri: str) -> pl.DataFrame:
