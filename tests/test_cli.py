@@ -286,3 +286,42 @@ def test_every_option_of_every_command_has_help() -> None:
         if isinstance(param, click.Option) and not param.help
     ]
     assert missing == []
+
+
+def test_a_damaged_parquet_part_is_named_by_train_score_and_evaluate(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    code, _ = _invoke("-q", "run", "--data-dir", str(data), *SMALL)
+    assert code == 0
+    features = data / "features"
+    part = features / "features-machine_002.parquet"
+    part.write_bytes(part.read_bytes()[:300])  # cut short: no footer
+    scores = data / "scores" / "anomaly_scores.parquet"
+    scores.write_bytes(scores.read_bytes()[:300])
+    expected = "not a readable Parquet file: parquet: File out of specification"
+
+    model, out_dir = str(data / "model"), str(tmp_path / "s")
+    for args, damaged in (
+        (["train", "--input", str(features), "--model-dir", str(tmp_path / "m")], part),
+        (
+            [
+                "score",
+                "--input",
+                str(features),
+                "--model-dir",
+                model,
+                "--output-dir",
+                out_dir,
+            ],
+            part,
+        ),
+        (
+            ["evaluate", "--input", str(scores), "--output-dir", str(tmp_path / "e")],
+            scores,
+        ),
+    ):
+        code, out = _invoke("-q", *args)
+        assert code == 3, out
+        assert out.startswith(f"error: {damaged}: {expected}"), out
+    assert not any((tmp_path / name).exists() for name in ("m", "s", "e"))

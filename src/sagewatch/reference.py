@@ -220,7 +220,7 @@ class FileReference(Reference):
         self.columns = list(columns)
         self._batch_rows = batch_rows or _block_rows()
         self._until = settings.reference.train_until is not None
-        self._dtype = storage.scan_table(files[0]).collect_schema()[TIMESTAMP]
+        self._dtype = storage.table_schema(files[0])[TIMESTAMP]
         names, counts, until, self._segments = self._scan(settings.reference)
         rows = reference_rows(counts, until, settings.reference)
         self.layout, self.without_reference = _layout(names, rows, settings)

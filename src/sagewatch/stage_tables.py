@@ -36,7 +36,7 @@ def scores_columns(scores: pl.DataFrame | str) -> list[str]:
     """Column names of a scores table in memory or at a URI (read lazily)."""
     if isinstance(scores, pl.DataFrame):
         return scores.columns
-    return storage.scan_table(scores).collect_schema().names()
+    return storage.table_schema(scores).names()
 
 
 def feature_part_schemas(files: list[str]) -> dict[str, pl.Schema]:
@@ -47,7 +47,7 @@ def feature_part_schemas(files: list[str]) -> dict[str, pl.Schema]:
     Raises:
         InputError: a file that is not a features table, named.
     """
-    schemas = {f: storage.scan_table(f).collect_schema() for f in files}
+    schemas = {f: storage.table_schema(f) for f in files}
     for path, schema in schemas.items():
         names = schema.names()
         require_names(names, path, [TIMESTAMP, ENTITY], FEATURES_TABLE)

@@ -465,6 +465,23 @@ def scan_table(uri: str, *, sep: str | None = None) -> pl.LazyFrame:
     return frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
 
 
+def table_schema(uri: str, *, sep: str | None = None) -> pl.Schema:
+    """Column names and types of one table file, from its footer or first lines.
+
+    Raises:
+        NotFoundError: nothing at ``uri``.
+        InputError: polars cannot read the file as a table (a truncated or
+            damaged Parquet file, say).
+    """
+    try:
+        return scan_table(uri, sep=sep).collect_schema()
+    except pl.exceptions.PolarsError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc
+        parquet = uri.endswith(".parquet")
+        what = "not a readable Parquet file" if parquet else "cannot read as a table"
+        raise InputError(f"{uri}: {what}: {first}") from exc
+
+
 def _head(uri: str, size: int = 65536) -> bytes:
     """The first ``size`` bytes of a file or object."""
     if is_s3(uri):

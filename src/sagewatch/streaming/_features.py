@@ -136,9 +136,9 @@ _VALIDATION_LOGGERS = ("sagewatch.quality", "sagewatch.schema", "sagewatch.times
 
 
 def _same_schema(files: list[str], sep: str | None) -> None:
-    first = storage.scan_table(files[0], sep=sep).collect_schema()
+    first = storage.table_schema(files[0], sep=sep)
     for path in files[1:]:
-        if storage.scan_table(path, sep=sep).collect_schema() != first:
+        if storage.table_schema(path, sep=sep) != first:
             raise _Fallback(f"{path}: columns or types differ from {files[0]}")
 
 
