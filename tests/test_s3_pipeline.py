@@ -280,10 +280,10 @@ def _refuse(monkeypatch: pytest.MonkeyPatch, name: str, action: str) -> None:
     ``name``, as a store that refuses those keys would."""
     real = getattr(_s3, action)
 
-    def refused(source: str, uri: str) -> None:
+    def refused(source: str, uri: str, **options: int) -> None:
         if name in uri.rsplit("/", 1)[-1]:
             raise storage.AccessDeniedError(f"cannot write {uri}: access denied")
-        real(source, uri)
+        real(source, uri, **options)
 
     monkeypatch.setattr(_s3, action, refused)
 

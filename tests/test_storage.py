@@ -612,3 +612,35 @@ def test_an_unknown_retry_mode_is_a_storage_error(
     monkeypatch.setenv("AWS_RETRY_MODE", "bogus")
     with pytest.raises(StorageError, match="AWS_RETRY_MODE='bogus' is not a retry"):
         storage.read_bytes(f"s3://{s3_bucket}/x.txt")
+
+
+def test_parallel_copies_fit_the_connection_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    seen: list[int] = []
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    class Client:
+        def copy(self, source, bucket, key, Config) -> None:
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+                seen.append(Config.max_concurrency)
+            threading.Event().wait(0.01)
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(_s3, "client", Client)
+    for objects, parts in ((1, 10), (2, 10), (7, 9), (16, 4), (40, 4)):
+        seen.clear()
+        moves = [(f"s3://b/.incoming/{i}", f"s3://b/{i}") for i in range(objects)]
+        done: list[str] = []
+        storage._copy_all(moves, done)
+        assert sorted(done) == sorted(final for _, final in moves)
+        assert set(seen) == {parts}
+        assert min(objects, _s3.COPY_OBJECTS) * parts <= _s3.COPY_PARTS
+    assert most[0] == _s3.COPY_OBJECTS
+    assert _s3._POOL_CONNECTIONS > _s3.COPY_PARTS

@@ -31,11 +31,13 @@ log = logging.getLogger("sagewatch.storage")
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 120
 _CHUNK = 8 * 1024 * 1024
-# Copies of large objects go in parts, this many at once per object; storage runs
-# COPY_OBJECTS copies at once: the pool holds them all, with room for other calls.
-COPY_PART_THREADS = 4
+# Server-side copies: storage runs up to COPY_OBJECTS at once, a large object's
+# parts COPY_PARTS at a time in all (split among the objects under way, at most
+# 10 per object as boto3 does by default); the pool holds them all, with room
+# for other calls.
 COPY_OBJECTS = 16
-_POOL_CONNECTIONS = COPY_PART_THREADS * COPY_OBJECTS + 16
+COPY_PARTS = 64
+_POOL_CONNECTIONS = COPY_PARTS + 16
 
 # The environment that decides which client is right; a change builds a new one.
 _AWS_ENV = (
@@ -373,12 +375,10 @@ def transfer_config() -> Any:
     return TransferConfig(use_threads=True)
 
 
-def _copy_config() -> Any:
-    """Parts of one large copy in flight at once: storage copies several objects at
-    a time, and together they must fit the client's connection pool."""
-    from boto3.s3.transfer import TransferConfig
-
-    return TransferConfig(use_threads=True, max_concurrency=COPY_PART_THREADS)
+def part_threads(objects: int) -> int:
+    """Parts of one large copy in flight at once when ``objects`` copies run
+    together, so that all of them fit the client's connection pool."""
+    return max(1, min(10, COPY_PARTS // max(1, min(objects, COPY_OBJECTS))))
 
 
 def upload(local: str, uri: str) -> None:
@@ -393,8 +393,11 @@ def upload(local: str, uri: str) -> None:
     log.debug("wrote %s", uri)
 
 
-def copy(source: str, uri: str) -> None:
-    """Copy an object within the store (server-side; in parts when large)."""
+def copy(source: str, uri: str, *, parts: int = 10) -> None:
+    """Copy an object within the store (server-side; in parts when large, up to
+    ``parts`` of them at once; see :func:`part_threads`)."""
+    from boto3.s3.transfer import TransferConfig
+
     bucket, key = split(uri)
     source_bucket, source_key = split(source)
     with errors(uri, "write"):
@@ -402,7 +405,7 @@ def copy(source: str, uri: str) -> None:
             {"Bucket": source_bucket, "Key": source_key},
             bucket,
             key,
-            Config=_copy_config(),
+            Config=TransferConfig(use_threads=True, max_concurrency=parts),
         )
     log.debug("copied %s to %s", source, uri)
 

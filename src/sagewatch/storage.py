@@ -743,8 +743,10 @@ def _copy_all(moves: list[tuple[str, str]], done: list[str]) -> None:
     dropped), ``done`` naming those that worked."""
     from concurrent.futures import ThreadPoolExecutor
 
+    parts = _s3.part_threads(len(moves))
+
     def put(staged: str, final: str) -> None:
-        _s3.copy(staged, final)
+        _s3.copy(staged, final, parts=parts)
         done.append(final)  # list.append is atomic
 
     pool = ThreadPoolExecutor(_s3.COPY_OBJECTS, thread_name_prefix="sagewatch-copy")
