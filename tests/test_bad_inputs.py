@@ -267,6 +267,22 @@ def test_utf16_file_is_refused(tmp_path: Path) -> None:
     assert _refusal(path) == f"{path}: the file is UTF-16 text; expected UTF-8"
 
 
+@pytest.mark.parametrize(
+    ("bad_row", "line"),
+    [(b"00:03:00,m1,3\xff,2", 5), (b"00:04:00,m\xff1,4,2", 6)],  # a number, an entity
+)
+def test_bytes_that_are_not_utf8_are_refused_naming_the_line(
+    tmp_path: Path, bad_row: bytes, line: int
+) -> None:
+    rows = [f"{_t(i)},m1,{i},2".encode() for i in range(6)]
+    rows[line - 2] = b"2024-01-01 " + bad_row
+    path = _file(tmp_path, HEAD.encode() + b"".join(r + b"\n" for r in rows))
+    assert _refusal(path) == (
+        f"{path}, line {line}: bytes b'\\xff' are not UTF-8 text; expected a UTF-8 "
+        "file (convert it, e.g. with iconv)"
+    )
+
+
 def test_files_with_different_columns_are_refused(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     first = _file(tmp_path, _rows(f"{_t(0)},m1,1,2"), "in/a.csv")

@@ -621,7 +621,7 @@ def test_parallel_copies_fit_the_connection_pool(
 
     seen: list[int] = []
     running, most = [0], [0]
-    lock = threading.Lock()
+    lock, full = threading.Lock(), threading.Event()
 
     class Client:
         def copy(self, source, bucket, key, Config) -> None:
@@ -629,18 +629,24 @@ def test_parallel_copies_fit_the_connection_pool(
                 running[0] += 1
                 most[0] = max(most[0], running[0])
                 seen.append(Config.max_concurrency)
-            threading.Event().wait(0.01)
+                if running[0] == _s3.COPY_OBJECTS:
+                    full.set()
+            full.wait(10)  # the first copies wait until as many run as may
             with lock:
                 running[0] -= 1
 
     monkeypatch.setattr(_s3, "client", Client)
     for objects, parts in ((1, 10), (2, 10), (7, 9), (16, 4), (40, 4)):
         seen.clear()
+        if objects < _s3.COPY_OBJECTS:
+            full.set()
+        else:
+            full.clear()
         moves = [(f"s3://b/.incoming/{i}", f"s3://b/{i}") for i in range(objects)]
         done: list[str] = []
         storage._copy_all(moves, done)
         assert sorted(done) == sorted(final for _, final in moves)
         assert set(seen) == {parts}
         assert min(objects, _s3.COPY_OBJECTS) * parts <= _s3.COPY_PARTS
-    assert most[0] == _s3.COPY_OBJECTS
+    assert most[0] == _s3.COPY_OBJECTS  # and never more
     assert _s3._POOL_CONNECTIONS > _s3.COPY_PARTS

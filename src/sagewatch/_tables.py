@@ -118,6 +118,14 @@ def _check_blank_lines(uri: str, frame: pl.DataFrame) -> None:
 
 def _csv_error(uri: str, data: bytes, separator: str, exc: Exception) -> InputError:
     _check_field_counts(uri, data, separator)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        line = data.count(b"\n", 0, bad.start) + 1
+        return InputError(
+            f"{uri}, line {line}: bytes {data[bad.start : bad.end]!r} are not UTF-8 "
+            "text; expected a UTF-8 file (convert it, e.g. with iconv)"
+        )
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
     return InputError(
         f"{uri}: cannot parse as CSV with separator {separator!r}: {first}"

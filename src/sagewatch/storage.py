@@ -428,7 +428,7 @@ def collect_batches(scan: pl.LazyFrame, uri: str, rows: int) -> Iterator[pl.Data
             if batch.height:
                 yield batch
     except pl.exceptions.PolarsError as exc:
-        raise InputError(f"{uri}: cannot read as a table: {exc}") from exc
+        raise InputError(f"{uri}: {_unreadable(uri)}: {exc}") from exc
 
 
 def scan_table(uri: str, *, sep: str | None = None) -> pl.LazyFrame:
@@ -477,9 +477,13 @@ def table_schema(uri: str, *, sep: str | None = None) -> pl.Schema:
         return scan_table(uri, sep=sep).collect_schema()
     except pl.exceptions.PolarsError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc
-        parquet = uri.endswith(".parquet")
-        what = "not a readable Parquet file" if parquet else "cannot read as a table"
-        raise InputError(f"{uri}: {what}: {first}") from exc
+        raise InputError(f"{uri}: {_unreadable(uri)}: {first}") from exc
+
+
+def _unreadable(uri: str) -> str:
+    if uri.endswith(".parquet"):
+        return "not a readable Parquet file"
+    return "cannot read as a table"
 
 
 def _head(uri: str, size: int = 65536) -> bytes:
