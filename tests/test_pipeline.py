@@ -355,3 +355,45 @@ def test_a_record_not_written_by_sagewatch_is_compared_as_written() -> None:
     )
     assert _shown("x" * 500) == "x" * 200 + "... (500 characters)"
     assert _shown(ours) == ours
+
+
+def test_score_refuses_features_of_another_window_than_the_detector(
+    tmp_path: Path, small_settings, caplog
+) -> None:
+    import pytest
+
+    from sagewatch.errors import InputError
+    from sagewatch.pipeline import (
+        stage_features,
+        stage_generate,
+        stage_score,
+        stage_train,
+    )
+
+    raw, _ = stage_generate(small_settings, str(tmp_path / "raw"))
+    five = small_settings.with_overrides({"rolling_window": 5})
+    six = small_settings.with_overrides({"rolling_window": 6})
+    stage_features(five, raw, str(tmp_path / "f5"))
+    stage_features(six, raw, str(tmp_path / "f6"))
+
+    with caplog.at_level("WARNING", logger="sagewatch.pipeline"):
+        detector, _ = stage_train(six, str(tmp_path / "f5"), str(tmp_path / "m"))
+    assert detector.feature_window_ == 5  # what the files record, not the setting
+    assert "computed with rolling_window=5" in caplog.text
+    assert "not the configured 6" in caplog.text
+
+    with pytest.raises(InputError) as caught:
+        stage_score(
+            five, str(tmp_path / "f6"), str(tmp_path / "m"), str(tmp_path / "s")
+        )
+    assert str(caught.value) == (
+        f"{tmp_path / 'f6' / 'features-machine_001.parquet'}: features computed with "
+        "rolling_window=6; the detector was trained on features with "
+        "rolling_window=5; compute the features again with --rolling-window 5, or "
+        "train on these"
+    )
+    assert not (tmp_path / "s").exists()
+    scores, _ = stage_score(
+        six, str(tmp_path / "f5"), str(tmp_path / "m"), str(tmp_path / "s")
+    )
+    assert (tmp_path / "s" / "anomaly_scores.parquet").exists() and len(scores) > 0

@@ -42,6 +42,7 @@ from sagewatch.stage_tables import (
     feature_part_schemas,
     read_features,
     read_scores,
+    recorded_window,
     require,
     require_names,
     scores_columns,
@@ -214,6 +215,18 @@ def stage_train(
         except BaseException:
             hasher.shutdown(cancel_futures=True)
             raise
+        recorded = _recorded_window(features)
+        if recorded is not None and recorded[0] != detector.feature_window_:
+            log.warning(
+                "%s: the features were computed with rolling_window=%d (recorded in "
+                "%s), not the configured %d; the detector records %d",
+                features,
+                recorded[0],
+                recorded[1],
+                detector.feature_window_,
+                recorded[0],
+            )
+            detector.feature_window_ = recorded[0]
         written = detector.save(
             model_dir,
             extra={
@@ -236,6 +249,31 @@ def stage_train(
         },
     )
     return detector, record
+
+
+def _recorded_window(features: pl.DataFrame | str) -> tuple[int, str] | None:
+    """See :func:`~sagewatch.stage_tables.recorded_window`; None for a table."""
+    if not isinstance(features, str):
+        return None
+    return recorded_window(storage.list_files(features))
+
+
+def _check_window(features: pl.DataFrame | str, detector: Detector) -> None:
+    """Refuse features computed with another rolling window than the detector's:
+    their values mean something else, and nearly every row would be flagged.
+
+    Raises:
+        InputError: the windows differ.
+    """
+    recorded = _recorded_window(features)
+    window = getattr(detector, "feature_window_", 1)  # 1: not recorded
+    if recorded is None or window < 2 or recorded[0] == window:
+        return
+    raise InputError(
+        f"{recorded[1]}: features computed with rolling_window={recorded[0]}; the "
+        f"detector was trained on features with rolling_window={window}; compute "
+        f"the features again with --rolling-window {window}, or train on these"
+    )
 
 
 def _training_reference(
@@ -323,6 +361,7 @@ def stage_score(
         with storage.track_reads() as reads:
             if isinstance(detector, str):
                 detector = Detector.load(detector)
+        _check_window(features, detector)
         inputs = as_dicts(reads)
         scores: pl.DataFrame | str | None = None
         source = features if isinstance(features, str) else "features"
