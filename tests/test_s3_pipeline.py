@@ -152,6 +152,9 @@ def test_single_stages_read_and_write_s3(
     )
     report = storage.read_json(f"{base}/evaluation/evaluation_report.json")
     assert report["rows"] == 600
+    for manifest in ("features/features_manifest.json", "model/train_manifest.json"):
+        recorded = storage.read_json(f"{base}/{manifest}")
+        assert recorded["s3_endpoint"].startswith("http://127.0.0.1:"), manifest
 
 
 # ----------------------------------------------------------------------------- errors
@@ -191,9 +194,11 @@ def test_cli_missing_output_bucket(tmp_path: Path, raw_on_s3) -> None:
     )
     _assert_one_line_error(
         result,
-        "cannot write s3://no-such-bucket-out/run/features/",
-        "bucket 'no-such-bucket-out' does not exist",
+        "error: cannot write s3://no-such-bucket-out/run/features/: bucket "
+        "'no-such-bucket-out' does not exist at http://127.0.0.1:",
     )
+    # Found before any feature was computed: no staged upload to name or clean up.
+    assert not [line for line in result.output.splitlines() if " sagewatch." in line]
 
 
 def test_cli_missing_key_and_empty_prefix(tmp_path: Path, s3_bucket: str) -> None:
@@ -228,6 +233,8 @@ def test_cli_access_denied_on_read_and_write(
         "access denied",
     )
     assert secret not in read.output + write.output
+    error = next(line for line in write.output.splitlines() if line.startswith("error"))
+    assert ".incoming" not in error  # the file asked for, not its stage
 
 
 def test_cli_unreachable_endpoint(tmp_path: Path, monkeypatch) -> None:
@@ -251,6 +258,39 @@ def test_cli_unreachable_endpoint(tmp_path: Path, monkeypatch) -> None:
     assert "Traceback" in verbose.output
     assert "EndpointConnectionError" in verbose.output
     assert FAKE_SECRET not in result.output + verbose.output
+
+
+def test_cli_endpoint_that_never_answers(tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    accepted: list[socket.socket] = []
+    thread = threading.Thread(
+        target=lambda: accepted.append(listener.accept()[0]), daemon=True
+    )
+    thread.start()
+    port = listener.getsockname()[1]
+    monkeypatch.setattr(_s3, "READ_TIMEOUT_S", 0.5)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    try:
+        result = _sagewatch(
+            "run", "--input", "s3://data/raw/", "--data-dir", str(tmp_path)
+        )
+    finally:
+        for sock in (*accepted, listener):
+            sock.close()
+
+    _assert_one_line_error(
+        result,
+        f"cannot list s3://data/raw/: the endpoint http://127.0.0.1:{port} took the "
+        "connection but sent no answer within 0.5 s, on every attempt",
+        "check that the store is healthy",
+    )
 
 
 def test_cli_verbose_output_hides_the_endpoint_user_and_password(

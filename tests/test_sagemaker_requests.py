@@ -714,3 +714,37 @@ def test_readme_says_how_the_pipeline_plan_differs_from_what_is_sent(
         members = model.operation_model(operation).input_shape.members
         assert members["ClientRequestToken"].metadata["idempotencyToken"]
     assert "ClientRequestToken" not in json.dumps(pipeline.to_dict()["requests"])
+
+
+def test_s3_inputs_become_the_prefix_the_local_commands_read(settings, bundle) -> None:
+    def read(uri: str) -> str:
+        plan = plans.plan_features(
+            settings, job_name="f-1", bundle=bundle, input_uri=uri
+        )
+        inputs = plan.request["ProcessingInputs"]
+        return next(i for i in inputs if i["InputName"] == "raw")["S3Input"]["S3Uri"]
+
+    assert read("s3://data/raw") == "s3://data/raw/"  # not also raw-old/
+    assert read("s3://data/raw/") == "s3://data/raw/"
+    assert read("s3://data/raw/pump-7.csv") == "s3://data/raw/pump-7.csv"
+    assert read("s3://data") == "s3://data/"
+    with pytest.raises(ConfigError) as caught:
+        read("s3://data/raw/*.csv")
+    assert str(caught.value).startswith(
+        "s3://data/raw/*.csv: a SageMaker job reads an S3 prefix, not a glob"
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["score", "--plan", "--model-uri", "/tmp/model"],
+        ["score", "--plan", "--training-job-name", "t", "--output", "out/scores"],
+        ["features", "--plan", "--output", "/tmp/features"],
+    ],
+)
+def test_cli_refuses_a_local_path_where_a_job_needs_s3(args: list[str]) -> None:
+    result = CliRunner().invoke(main, ["sagemaker", *args])
+    assert result.exit_code == 2
+    local = args[args.index("--model-uri" if "--model-uri" in args else "--output") + 1]
+    assert f"expected an s3:// URI, got {local!r}" in result.output

@@ -283,9 +283,18 @@ def _botocore_error(exc: Exception, uri: str, action: str) -> StorageError:
         NoCredentialsError,
         PartialCredentialsError,
         ProfileNotFound,
+        ReadTimeoutError,
     )
 
     where = f"cannot {action} {uri}"
+    if isinstance(exc, ReadTimeoutError):
+        url = _public(client().meta.endpoint_url)
+        return EndpointError(
+            f"{where}: the endpoint {url} took the connection but sent no answer "
+            f"within {READ_TIMEOUT_S:g} s, on every attempt (AWS_MAX_ATTEMPTS); "
+            "check that the store is healthy and that AWS_ENDPOINT_URL / "
+            "AWS_ENDPOINT_URL_S3 name the store, not another service"
+        )
     if isinstance(exc, ConnectionError):
         url = _public(client().meta.endpoint_url)
         return EndpointError(
@@ -336,6 +345,35 @@ def exists(uri: str) -> bool:
         folder = key.rstrip("/") + "/" if key else ""
         found = client().list_objects_v2(Bucket=bucket, Prefix=folder, MaxKeys=1)
     return bool(found.get("Contents"))
+
+
+def check_bucket(uri: str) -> None:
+    """Refuse a bucket that does not exist before anything is written to it; a
+    bucket the credentials may not look at passes (its writes will tell).
+
+    Raises:
+        NotFoundError: no such bucket at the endpoint in use.
+    """
+    from botocore.exceptions import ClientError
+
+    bucket, _ = split(uri)
+    with errors(uri, "write"):
+        try:
+            client().head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in {"403", "AccessDenied", "Forbidden"}:
+                return
+            if code not in {"404", "NoSuchBucket", "NotFound"}:
+                raise
+            missing = exc
+        else:
+            return
+    raise NotFoundError(
+        f"cannot write {uri}: bucket {bucket!r} does not exist at {endpoint()}; "
+        "check the bucket name and the endpoint (AWS_ENDPOINT_URL / "
+        "AWS_ENDPOINT_URL_S3)"
+    ) from missing
 
 
 def get(uri: str, *, first_bytes: int | None = None) -> bytes:

@@ -69,11 +69,13 @@ def _stage_manifest(settings: Settings, record: Any, output_dir: str) -> None:
     from datetime import UTC, datetime, timedelta
 
     from sagewatch import storage
-    from sagewatch.manifest import write_manifest
+    from sagewatch.manifest import store_info, write_manifest
 
     started = datetime.now(UTC) - timedelta(seconds=record.seconds)
     uri = storage.join(output_dir, f"{record.name}_manifest.json")
-    write_manifest(uri, settings, [record], started=started)
+    touched = [f["uri"] for f in record.inputs + record.outputs]
+    extra = store_info(output_dir, *touched)
+    write_manifest(uri, settings, [record], started=started, extra=extra)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -216,7 +218,10 @@ def features_cmd(
 
 @main.command("train")
 @click.option(
-    "--input", "input_uri", required=True, help="Features (Parquet file or folder)."
+    "--input",
+    "input_uri",
+    required=True,
+    help="Features: Parquet file, folder or glob, local or s3://.",
 )
 @click.option(
     "--model-dir",
@@ -249,7 +254,10 @@ def train_cmd(
 
 @main.command("score")
 @click.option(
-    "--input", "input_uri", required=True, help="Features (Parquet file or folder)."
+    "--input",
+    "input_uri",
+    required=True,
+    help="Features: Parquet file, folder or glob, local or s3://.",
 )
 @click.option(
     "--model-dir",
@@ -288,7 +296,8 @@ def score_cmd(
     "--input",
     "input_uri",
     required=True,
-    help="Scores (anomaly_scores.csv or .parquet).",
+    help="Scores: anomaly_scores.csv or .parquet, a folder or glob of parts; "
+    "local or s3://.",
 )
 @click.option(
     "--output-dir",

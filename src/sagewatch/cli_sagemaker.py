@@ -62,10 +62,23 @@ _processing_options = options(
 )
 
 
+def _s3_only(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> str | None:
+    """Refuse a local path where a job needs an S3 location."""
+    if value is not None and not value.startswith("s3://"):
+        raise click.BadParameter(f"expected an s3:// URI, got {value!r}")
+    return value
+
+
 def _output_option(what: str) -> Decorator:
     """``--output``: the s3:// prefix for ``what``."""
     return click.option(
-        "--output", "output_uri", default=None, help=f"s3:// prefix for {what}."
+        "--output",
+        "output_uri",
+        default=None,
+        callback=_s3_only,
+        help=f"s3:// prefix for {what}.",
     )
 
 
@@ -234,7 +247,8 @@ def sagemaker_train(
     "--model-uri",
     envvar="MODEL_ARTIFACT_URI",
     default=None,
-    help="Or with this model.tar.gz / detector prefix (env MODEL_ARTIFACT_URI).",
+    callback=_s3_only,
+    help="Or with this s3:// model.tar.gz or detector prefix (env MODEL_ARTIFACT_URI).",
 )
 @_output_option("scores")
 @_processing_options

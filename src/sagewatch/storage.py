@@ -322,7 +322,13 @@ def _staged(
             with _local_errors(uri, "write"):
                 yield staging
             staging.info = _describe_local(staging.path, uri, rows, staging.known)
-            _s3.upload(staging.path, _upload_target(uri))
+            target = _upload_target(uri)
+            try:
+                _s3.upload(staging.path, target)
+            except StorageError as exc:  # name the file asked for, not its stage
+                if target == uri:
+                    raise
+                raise type(exc)(str(exc).replace(target, uri)) from exc
         return
     with _local_staged(uri) as tmp:
         staging.path = tmp
@@ -675,6 +681,8 @@ def replacing(folder: str) -> Iterator[None]:
     the copies fail, the files already replaced are logged.
     """
     folder = folder.rstrip("/") if is_s3(folder) else str(Path(folder))
+    if is_s3(folder):
+        _s3.check_bucket(f"{folder}/")  # before any work is done for it
     incoming = f"{folder}/.incoming-{uuid.uuid4().hex[:12]}"
     batch = _Batch(folder, incoming, [])
     token = _BATCH.set(batch)

@@ -121,6 +121,24 @@ def input_upload(settings: Settings, target: Target, local: str) -> Upload:
     )
 
 
+def s3_input_prefix(uri: str) -> str:
+    """The S3 prefix a job reads for ``uri``: a table file as it is, a folder with
+    its trailing slash (SageMaker matches key prefixes, so ``raw`` would also take
+    ``raw-old/``, where the local commands read only ``raw/``).
+
+    Raises:
+        ConfigError: a glob, which a job input cannot express.
+    """
+    if any(ch in uri for ch in "*?["):
+        raise ConfigError(
+            f"{uri}: a SageMaker job reads an S3 prefix, not a glob; give the folder "
+            "(or one file), or copy the files to match under one prefix"
+        )
+    if uri.endswith(storage.TABLE_SUFFIXES):
+        return uri
+    return uri.rstrip("/") + "/"
+
+
 def input_source(
     settings: Settings, target: Target, input_uri: str | None, kind: str
 ) -> tuple[str, list[Upload]]:
@@ -131,7 +149,7 @@ def input_source(
     if input_uri is None:
         return locations(settings, target)[kind], []
     if storage.is_s3(input_uri):
-        return input_uri, []
+        return s3_input_prefix(input_uri), []
     upload = input_upload(settings, target, input_uri)
     return upload.uri, [upload]
 
