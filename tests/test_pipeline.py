@@ -397,3 +397,23 @@ def test_score_refuses_features_of_another_window_than_the_detector(
         six, str(tmp_path / "f5"), str(tmp_path / "m"), str(tmp_path / "s")
     )
     assert (tmp_path / "s" / "anomaly_scores.parquet").exists() and len(scores) > 0
+
+
+def test_the_window_is_read_from_the_first_file_that_records_it(
+    tmp_path: Path, small_settings
+) -> None:
+    import pyarrow.parquet as pq
+
+    from sagewatch.pipeline import stage_features, stage_generate
+    from sagewatch.stage_tables import recorded_window
+
+    raw, _ = stage_generate(small_settings, str(tmp_path / "raw"))
+    six = small_settings.with_overrides({"rolling_window": 6})
+    stage_features(six, raw, str(tmp_path / "f"))
+    first = tmp_path / "f" / "features-machine_001.parquet"
+    second = tmp_path / "f" / "features-machine_002.parquet"
+    table = pq.read_table(first)
+    pq.write_table(table.replace_schema_metadata({}), first)  # as if by hand
+
+    assert recorded_window([str(first), str(second)]) == (6, str(second))
+    assert recorded_window([str(first)]) is None

@@ -194,10 +194,33 @@ def test_cli_missing_output_bucket(tmp_path: Path, raw_on_s3) -> None:
     )
     _assert_one_line_error(
         result,
-        "error: cannot write s3://no-such-bucket-out/run/features/: bucket "
+        "error: cannot write s3://no-such-bucket-out/run/: bucket "
         "'no-such-bucket-out' does not exist at http://127.0.0.1:",
     )
     # Found before any feature was computed: no staged upload to name or clean up.
+    assert not [line for line in result.output.splitlines() if " sagewatch." in line]
+
+
+@pytest.mark.parametrize("command", ["generate", "train", "evaluate"])
+def test_a_missing_output_bucket_is_refused_before_the_work(
+    tmp_path: Path, s3_bucket: str, command: str
+) -> None:
+    local = tmp_path / "local"
+    done = _sagewatch("-q", "run", "--data-dir", str(local), *SMALL)
+    assert done.exit_code == 0, done.output
+    out = "s3://no-such-bucket-early/out"
+    args = {
+        "generate": ["--output-dir", out, *SMALL[:4]],
+        "train": ["--input", str(local / "features"), "--model-dir", out],
+        "evaluate": ["--input", str(local / "scores"), "--output-dir", out],
+    }[command]
+
+    result = _sagewatch(command, *args)
+
+    _assert_one_line_error(
+        result,
+        f"error: cannot write {out}/: bucket 'no-such-bucket-early' does not exist",
+    )
     assert not [line for line in result.output.splitlines() if " sagewatch." in line]
 
 

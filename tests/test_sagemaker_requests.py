@@ -447,6 +447,18 @@ def test_cli_pipeline_uploads_a_local_input_parameter(
     ]
 
 
+def test_cli_pipeline_input_parameter_on_s3_is_read_as_its_prefix(monkeypatch) -> None:
+    result = _pipeline_plan(monkeypatch, "--param", "InputDataUri=s3://data/raw")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["requests"][1]["request"][
+        "PipelineParameters"
+    ] == [{"Name": "InputDataUri", "Value": "s3://data/raw/"}]
+
+    globbed = _pipeline_plan(monkeypatch, "--param", "InputDataUri=s3://data/r*/")
+    assert globbed.exit_code == 2
+    assert "a SageMaker job reads an S3 prefix, not a glob" in globbed.output
+
+
 def test_float_parameters_are_checked_as_numbers() -> None:
     definition = {"Parameters": [{"Name": "Rate", "Type": "Float"}]}
     assert workflow.execution_parameters(definition, {"Rate": "1e-3"}) == [
@@ -727,6 +739,7 @@ def test_s3_inputs_become_the_prefix_the_local_commands_read(settings, bundle) -
     assert read("s3://data/raw") == "s3://data/raw/"  # not also raw-old/
     assert read("s3://data/raw/") == "s3://data/raw/"
     assert read("s3://data/raw/pump-7.csv") == "s3://data/raw/pump-7.csv"
+    assert read("s3://data/raw/PUMP-7.CSV") == "s3://data/raw/PUMP-7.CSV"
     assert read("s3://data") == "s3://data/"
     with pytest.raises(ConfigError) as caught:
         read("s3://data/raw/*.csv")
@@ -748,3 +761,11 @@ def test_cli_refuses_a_local_path_where_a_job_needs_s3(args: list[str]) -> None:
     assert result.exit_code == 2
     local = args[args.index("--model-uri" if "--model-uri" in args else "--output") + 1]
     assert f"expected an s3:// URI, got {local!r}" in result.output
+
+
+def test_cli_refuses_a_glob_where_a_job_needs_an_s3_prefix() -> None:
+    result = CliRunner().invoke(
+        main, ["sagemaker", "score", "--plan", "--model-uri", "s3://b/m/*"]
+    )
+    assert result.exit_code == 2
+    assert "expected an s3:// prefix, not a glob: 's3://b/m/*'" in result.output

@@ -68,6 +68,8 @@ def _s3_only(
     """Refuse a local path where a job needs an S3 location."""
     if value is not None and not value.startswith("s3://"):
         raise click.BadParameter(f"expected an s3:// URI, got {value!r}")
+    if value is not None and any(ch in value for ch in "*?["):
+        raise click.BadParameter(f"expected an s3:// prefix, not a glob: {value!r}")
     return value
 
 

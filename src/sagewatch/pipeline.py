@@ -85,6 +85,7 @@ def layout(settings: Settings, data_dir: str) -> dict[str, str]:
 
 def stage_generate(settings: Settings, output_dir: str) -> tuple[str, StageRecord]:
     """Write the synthetic data set as one CSV per machine under ``output_dir``."""
+    storage.check_output(output_dir)
     with Timer() as timer:
         frame = generate(
             settings.generate,
@@ -201,6 +202,7 @@ def stage_train(
     """
     from sagewatch.training import fit_reference
 
+    storage.check_output(model_dir)  # before the fit, not after it
     with (
         Timer() as timer,
         storage.track_reads() as reads,
@@ -415,6 +417,7 @@ def stage_evaluate(
     progress: bool = False,
 ) -> tuple[dict[str, Any], StageRecord]:
     """Write the JSON and HTML report for a scores table."""
+    storage.check_output(output_dir)
     with Timer() as timer:
         with storage.track_reads() as reads:
             if isinstance(scores, str):
@@ -462,6 +465,7 @@ def run(
     leaves the stages before the failure done, the later ones as they were, and
     no ``run_manifest.json``.
     """
+    storage.check_output(data_dir)
     paths = layout(settings, data_dir)
     started = datetime.now(UTC)
     stages: list[StageRecord] = []

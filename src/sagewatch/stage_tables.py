@@ -83,22 +83,24 @@ def _refuse_mixed_runs(files: list[str]) -> None:
 
 
 def recorded_window(files: list[str]) -> tuple[int, str] | None:
-    """The rolling window the first of ``files`` records it was computed with, and
-    that file; None when it is not Parquet or carries no record of ours (written
-    by hand, or by an earlier version). One footer is read: parts of two runs are
-    refused apart (see :func:`feature_part_schemas`)."""
+    """The rolling window the Parquet files record they were computed with, and
+    the first file that records it; None when none carries a record of ours
+    (written by hand, or by an earlier version). Footers are read up to the first
+    record: parts of two runs are refused apart (see :func:`feature_part_schemas`).
+    """
     from sagewatch.streaming import STAMP_KEY  # imports this module's users
 
-    if not files or not files[0].endswith(".parquet"):
-        return None
-    recorded = storage.parquet_metadata(files[0]).get(STAMP_KEY)
-    try:
-        window = json.loads(recorded)["rolling_window"] if recorded else None
-    except (ValueError, RecursionError, TypeError, KeyError):
-        return None
-    if not isinstance(window, int) or isinstance(window, bool):
-        return None
-    return window, files[0]
+    for path in files:
+        if not path.endswith(".parquet"):
+            continue
+        recorded = storage.parquet_metadata(path).get(STAMP_KEY)
+        try:
+            window = json.loads(recorded)["rolling_window"] if recorded else None
+        except (ValueError, RecursionError, TypeError, KeyError):
+            continue
+        if isinstance(window, int) and not isinstance(window, bool):
+            return window, path
+    return None
 
 
 def _canonical_stamp(recorded: str) -> str:

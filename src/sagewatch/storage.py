@@ -681,8 +681,7 @@ def replacing(folder: str) -> Iterator[None]:
     the copies fail, the files already replaced are logged.
     """
     folder = folder.rstrip("/") if is_s3(folder) else str(Path(folder))
-    if is_s3(folder):
-        _s3.check_bucket(f"{folder}/")  # before any work is done for it
+    check_output(folder)  # before any work is done for it
     incoming = f"{folder}/.incoming-{uuid.uuid4().hex[:12]}"
     batch = _Batch(folder, incoming, [])
     token = _BATCH.set(batch)
@@ -694,6 +693,18 @@ def replacing(folder: str) -> Iterator[None]:
         raise
     _BATCH.reset(token)
     _publish(batch)
+
+
+def check_output(folder: str) -> None:
+    """Refuse an output folder on an S3 bucket that does not exist, before a stage
+    spends its work (see :func:`~sagewatch._s3.check_bucket`); local folders and
+    buckets the credentials may not look at pass.
+
+    Raises:
+        NotFoundError: no such bucket.
+    """
+    if is_s3(folder):
+        _s3.check_bucket(folder.rstrip("/") + "/")
 
 
 def _batch_for(uri: str) -> _Batch | None:
@@ -779,6 +790,8 @@ def _discard(batch: _Batch) -> None:
                 Path(staged).unlink(missing_ok=True)
     try:
         _s3.delete(uploaded)
+    except NotFoundError as exc:  # no bucket, so nothing was left behind either
+        log.debug("nothing to delete under %s: %s", batch.incoming, exc)
     except StorageError as exc:
         log.warning("could not delete %s: %s", batch.incoming, exc)
 

@@ -134,8 +134,8 @@ def s3_input_prefix(uri: str) -> str:
             f"{uri}: a SageMaker job reads an S3 prefix, not a glob; give the folder "
             "(or one file), or copy the files to match under one prefix"
         )
-    if uri.endswith(storage.TABLE_SUFFIXES):
-        return uri
+    if uri.lower().endswith(storage.TABLE_SUFFIXES) or not uri[5:].split("/")[0]:
+        return uri  # a file; or no bucket, which the request's validation names
     return uri.rstrip("/") + "/"
 
 

@@ -33,7 +33,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sagewatch import storage
 from sagewatch.config import Settings
 from sagewatch.errors import ConfigError
 from sagewatch.sagemaker import contract
@@ -274,7 +273,7 @@ def plan_pipeline(
     if parameters:
         parameters = dict(parameters)
         given_input = parameters.get("InputDataUri")
-        if given_input and not storage.is_s3(given_input):  # upload, as --input
+        if given_input:  # as --input: a local path uploaded, an S3 folder its prefix
             parameters["InputDataUri"], raw = input_source(
                 settings, target, given_input, "raw"
             )
