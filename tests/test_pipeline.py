@@ -237,6 +237,21 @@ def test_a_score_stage_failing_to_write_keeps_both_previous_copies(
     ]
 
 
+def _features_at_windows(tmp_path: Path, settings, **windows: int) -> list:
+    """Synthetic raw data, then features at each ``folder=window`` under
+    ``tmp_path``, the second streamed in small chunks; the settings of each."""
+    from sagewatch.pipeline import stage_features, stage_generate
+
+    raw, _ = stage_generate(settings, str(tmp_path / "raw"))
+    chosen = []
+    for n, (folder, window) in enumerate(windows.items()):
+        at = settings.with_overrides({"rolling_window": window})
+        chunks = {"chunk_rows": 100} if n == 1 else {}
+        stage_features(at, raw, str(tmp_path / folder), **chunks)
+        chosen.append(at)
+    return chosen
+
+
 def test_parts_of_two_feature_runs_are_refused_naming_both(
     tmp_path: Path, small_settings
 ) -> None:
@@ -246,18 +261,9 @@ def test_parts_of_two_feature_runs_are_refused_naming_both(
 
     from sagewatch import storage, streaming
     from sagewatch.errors import InputError
-    from sagewatch.pipeline import (
-        stage_features,
-        stage_generate,
-        stage_score,
-        stage_train,
-    )
+    from sagewatch.pipeline import stage_score, stage_train
 
-    raw, _ = stage_generate(small_settings, str(tmp_path / "raw"))
-    five = small_settings.with_overrides({"rolling_window": 5})
-    six = small_settings.with_overrides({"rolling_window": 6})
-    stage_features(five, raw, str(tmp_path / "a"))
-    stage_features(six, raw, str(tmp_path / "b"), chunk_rows=100)  # streamed
+    five, _ = _features_at_windows(tmp_path, small_settings, a=5, b=6)
     model, _ = stage_train(five, str(tmp_path / "a"), str(tmp_path / "m"))
     for folder, window in (("a", 5), ("b", 6)):
         for part in (tmp_path / folder).glob("*.parquet"):
@@ -363,18 +369,9 @@ def test_score_refuses_features_of_another_window_than_the_detector(
     import pytest
 
     from sagewatch.errors import InputError
-    from sagewatch.pipeline import (
-        stage_features,
-        stage_generate,
-        stage_score,
-        stage_train,
-    )
+    from sagewatch.pipeline import stage_score, stage_train
 
-    raw, _ = stage_generate(small_settings, str(tmp_path / "raw"))
-    five = small_settings.with_overrides({"rolling_window": 5})
-    six = small_settings.with_overrides({"rolling_window": 6})
-    stage_features(five, raw, str(tmp_path / "f5"))
-    stage_features(six, raw, str(tmp_path / "f6"))
+    five, six = _features_at_windows(tmp_path, small_settings, f5=5, f6=6)
 
     with caplog.at_level("WARNING", logger="sagewatch.pipeline"):
         detector, _ = stage_train(six, str(tmp_path / "f5"), str(tmp_path / "m"))
