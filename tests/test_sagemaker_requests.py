@@ -739,7 +739,8 @@ def test_s3_inputs_become_the_prefix_the_local_commands_read(settings, bundle) -
     assert read("s3://data/raw") == "s3://data/raw/"  # not also raw-old/
     assert read("s3://data/raw/") == "s3://data/raw/"
     assert read("s3://data/raw/pump-7.csv") == "s3://data/raw/pump-7.csv"
-    assert read("s3://data/raw/PUMP-7.CSV") == "s3://data/raw/PUMP-7.CSV"
+    with pytest.raises(ConfigError, match="in lower case"):
+        read("s3://data/raw/PUMP-7.CSV")  # the job's folder listing would miss it
     assert read("s3://data") == "s3://data/"
     with pytest.raises(ConfigError) as caught:
         read("s3://data/raw/*.csv")
@@ -769,3 +770,16 @@ def test_cli_refuses_a_glob_where_a_job_needs_an_s3_prefix() -> None:
     )
     assert result.exit_code == 2
     assert "expected an s3:// prefix, not a glob: 's3://b/m/*'" in result.output
+
+
+def test_a_model_prefix_is_read_as_its_folder(settings, bundle) -> None:
+    def model_input(uri: str) -> str:
+        plan = plans.plan_scoring(
+            settings, job_name="s-1", model_uri=uri, bundle=bundle
+        )
+        inputs = plan.request["ProcessingInputs"]
+        return next(i for i in inputs if i["InputName"] == "model")["S3Input"]["S3Uri"]
+
+    assert model_input("s3://b/model/t-1") == "s3://b/model/t-1/"  # not t-10/
+    archive = "s3://b/model/t-1/output/model.tar.gz"
+    assert model_input(archive) == archive

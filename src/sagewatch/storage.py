@@ -704,7 +704,7 @@ def check_output(folder: str) -> None:
         NotFoundError: no such bucket.
     """
     if is_s3(folder):
-        _s3.check_bucket(folder.rstrip("/") + "/")
+        _s3.check_bucket(folder if folder.endswith("/") else f"{folder}/")
 
 
 def _batch_for(uri: str) -> _Batch | None:

@@ -121,21 +121,28 @@ def input_upload(settings: Settings, target: Target, local: str) -> Upload:
     )
 
 
-def s3_input_prefix(uri: str) -> str:
-    """The S3 prefix a job reads for ``uri``: a table file as it is, a folder with
-    its trailing slash (SageMaker matches key prefixes, so ``raw`` would also take
-    ``raw-old/``, where the local commands read only ``raw/``).
+def s3_input_prefix(uri: str, files: tuple[str, ...] = storage.TABLE_SUFFIXES) -> str:
+    """The S3 prefix a job reads for ``uri``: a file (one of the suffixes
+    ``files``) as it is, a folder with its trailing slash (SageMaker matches key
+    prefixes, so ``raw`` would also take ``raw-old/``, where the local commands
+    read only ``raw/``).
 
     Raises:
-        ConfigError: a glob, which a job input cannot express.
+        ConfigError: a glob, which a job input cannot express; a file whose suffix
+            is not in lower case, which the job would not find in its input folder.
     """
     if any(ch in uri for ch in "*?["):
         raise ConfigError(
             f"{uri}: a SageMaker job reads an S3 prefix, not a glob; give the folder "
             "(or one file), or copy the files to match under one prefix"
         )
-    if uri.lower().endswith(storage.TABLE_SUFFIXES) or not uri[5:].split("/")[0]:
+    if not uri[5:].split("/")[0] or uri.endswith(files):
         return uri  # a file; or no bucket, which the request's validation names
+    if uri.lower().endswith(files):
+        raise ConfigError(
+            f"{uri}: the job looks for files ending in {', '.join(files)} (in lower "
+            "case) in its input folder; rename the file or copy it to such a name"
+        )
     return uri.rstrip("/") + "/"
 
 
@@ -305,7 +312,7 @@ def plan_scoring(
         job_name=check_job_name(job_name),
         code_uri=_folder(code.uri),
         features_uri=source,
-        model_uri=model_uri,
+        model_uri=s3_input_prefix(model_uri, (".tar.gz",)),
         output_uri=output,
     )
     return _plan("CreateProcessingJob", request, [code, *uploads], target, (output,))
