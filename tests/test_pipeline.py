@@ -285,25 +285,28 @@ def test_parts_of_two_feature_runs_are_refused_naming_both(
     assert not (tmp_path / "m2").exists() and not (tmp_path / "s").exists()
 
 
-def test_the_same_statistics_in_another_order_are_one_run(
+def test_the_same_statistics_in_another_order_give_the_same_files_and_model(
     tmp_path: Path, small_settings
 ) -> None:
-    import shutil
-
     from sagewatch.pipeline import stage_features, stage_generate, stage_train
 
     raw, _ = stage_generate(small_settings, str(tmp_path / "raw"))
     listed = small_settings.features.statistics
     turned = small_settings.with_overrides({"statistics": list(reversed(listed))})
+    assert turned.features.statistics == listed
     stage_features(small_settings, raw, str(tmp_path / "a"))
     stage_features(turned, raw, str(tmp_path / "b"))
-    shutil.copy(
-        tmp_path / "b" / "features-machine_002.parquet",
-        tmp_path / "a" / "features-machine_002.parquet",
-    )
+    for part in ("features-machine_001.parquet", "features-machine_002.parquet"):
+        assert (tmp_path / "a" / part).read_bytes() == (
+            tmp_path / "b" / part
+        ).read_bytes()
 
-    detector, _ = stage_train(small_settings, str(tmp_path / "a"), str(tmp_path / "m"))
-    assert detector.threshold_ > 0
+    first, _ = stage_train(small_settings, str(tmp_path / "a"), str(tmp_path / "m"))
+    second, _ = stage_train(turned, str(tmp_path / "b"), str(tmp_path / "n"))
+    assert first.feature_names_ == second.feature_names_
+    assert first.threshold_ == second.threshold_
+    weights = (tmp_path / "m" / "weights.pt").read_bytes()
+    assert weights == (tmp_path / "n" / "weights.pt").read_bytes()
 
 
 def test_a_record_listing_statistics_unsorted_is_the_same_run(

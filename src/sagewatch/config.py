@@ -197,13 +197,16 @@ class ReferenceSettings(_Section):
 _REFERENCE_RULES = {"train_rows", "train_until", "train_fraction"}
 
 
+Statistic = Literal["value", "mean", "std", "min", "max", "range", "slope", "change"]
+
+
 class FeatureSettings(_Section):
-    """Per-entity rolling statistics."""
+    """Per-entity rolling statistics, kept in the order :data:`Statistic` lists
+    them whatever order they are given in, so the feature columns, and a model
+    trained on them, do not depend on how a configuration lists them."""
 
     rolling_window: int = Field(default=12, ge=2)
-    statistics: list[
-        Literal["value", "mean", "std", "min", "max", "range", "slope", "change"]
-    ] = Field(
+    statistics: list[Statistic] = Field(
         default_factory=lambda: ["value", "mean", "std", "range", "slope", "change"],
     )
 
@@ -218,7 +221,7 @@ class FeatureSettings(_Section):
             raise ValueError(
                 f"expected each statistic once, got {names} more than once"
             )
-        return value
+        return sorted(value, key=get_args(Statistic).index)
 
 
 class ModelSettings(_Section):
