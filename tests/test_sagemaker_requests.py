@@ -783,3 +783,6 @@ def test_a_model_prefix_is_read_as_its_folder(settings, bundle) -> None:
     assert model_input("s3://b/model/t-1") == "s3://b/model/t-1/"  # not t-10/
     archive = "s3://b/model/t-1/output/model.tar.gz"
     assert model_input(archive) == archive
+    for other in ("Model.tar.gz", "other.tar.gz", "detector.json", "weights.pt"):
+        with pytest.raises(ConfigError, match=r"expected a model\.tar\.gz"):
+            model_input(f"s3://b/model/t-1/output/{other}")

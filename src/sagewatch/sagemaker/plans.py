@@ -146,6 +146,24 @@ def s3_input_prefix(uri: str, files: tuple[str, ...] = storage.TABLE_SUFFIXES) -
     return uri.rstrip("/") + "/"
 
 
+def s3_model_prefix(uri: str) -> str:
+    """The S3 prefix the scoring job reads a detector from: a ``model.tar.gz`` as
+    it is, a folder with its trailing slash.
+
+    Raises:
+        ConfigError: another file, which the job would not take for a detector.
+    """
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    if name == "model.tar.gz":
+        return uri
+    if name.lower().endswith((".tar.gz", ".tgz", ".tar", ".zip", ".json", ".pt")):
+        raise ConfigError(
+            f"{uri}: expected a model.tar.gz (as a training job writes it) or the "
+            "folder of a detector (detector.json and weights.pt)"
+        )
+    return s3_input_prefix(uri, ())
+
+
 def input_source(
     settings: Settings, target: Target, input_uri: str | None, kind: str
 ) -> tuple[str, list[Upload]]:
@@ -312,7 +330,7 @@ def plan_scoring(
         job_name=check_job_name(job_name),
         code_uri=_folder(code.uri),
         features_uri=source,
-        model_uri=s3_input_prefix(model_uri, (".tar.gz",)),
+        model_uri=s3_model_prefix(model_uri),
         output_uri=output,
     )
     return _plan("CreateProcessingJob", request, [code, *uploads], target, (output,))
