@@ -201,7 +201,9 @@ def test_cli_missing_output_bucket(tmp_path: Path, raw_on_s3) -> None:
     assert not [line for line in result.output.splitlines() if " sagewatch." in line]
 
 
-@pytest.mark.parametrize("command", ["generate", "train", "evaluate"])
+@pytest.mark.parametrize(
+    "command", ["generate", "features", "train", "score", "evaluate"]
+)
 def test_a_missing_output_bucket_is_refused_before_the_work(
     tmp_path: Path, s3_bucket: str, command: str
 ) -> None:
@@ -211,7 +213,12 @@ def test_a_missing_output_bucket_is_refused_before_the_work(
     out = "s3://no-such-bucket-early/out"
     args = {
         "generate": ["--output-dir", out, *SMALL[:4]],
+        "features": ["--input", str(local / "raw"), "--output-dir", out],
         "train": ["--input", str(local / "features"), "--model-dir", out],
+        "score": [
+            *("--input", str(local / "features")),
+            *("--model-dir", str(local / "model"), "--output-dir", out),
+        ],
         "evaluate": ["--input", str(local / "scores"), "--output-dir", out],
     }[command]
 

@@ -728,13 +728,18 @@ def test_readme_says_how_the_pipeline_plan_differs_from_what_is_sent(
     assert "ClientRequestToken" not in json.dumps(pipeline.to_dict()["requests"])
 
 
+def _s3_input(plan: plans.JobPlan, name: str) -> str:
+    """The S3 URI of the processing input ``name`` of a planned job."""
+    inputs = plan.request["ProcessingInputs"]
+    return next(i for i in inputs if i["InputName"] == name)["S3Input"]["S3Uri"]
+
+
 def test_s3_inputs_become_the_prefix_the_local_commands_read(settings, bundle) -> None:
     def read(uri: str) -> str:
         plan = plans.plan_features(
             settings, job_name="f-1", bundle=bundle, input_uri=uri
         )
-        inputs = plan.request["ProcessingInputs"]
-        return next(i for i in inputs if i["InputName"] == "raw")["S3Input"]["S3Uri"]
+        return _s3_input(plan, "raw")
 
     assert read("s3://data/raw") == "s3://data/raw/"  # not also raw-old/
     assert read("s3://data/raw/") == "s3://data/raw/"
@@ -777,8 +782,7 @@ def test_a_model_prefix_is_read_as_its_folder(settings, bundle) -> None:
         plan = plans.plan_scoring(
             settings, job_name="s-1", model_uri=uri, bundle=bundle
         )
-        inputs = plan.request["ProcessingInputs"]
-        return next(i for i in inputs if i["InputName"] == "model")["S3Input"]["S3Uri"]
+        return _s3_input(plan, "model")
 
     assert model_input("s3://b/model/t-1") == "s3://b/model/t-1/"  # not t-10/
     archive = "s3://b/model/t-1/output/model.tar.gz"

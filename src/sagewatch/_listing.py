@@ -28,12 +28,13 @@ def _visible(name: str, suffixes: tuple[str, ...], below: str | None = None) -> 
     return not any(part.startswith(".") for part in inner.split("/")[:-1])
 
 
-def _is_glob(text: str) -> bool:
+def is_glob(text: str) -> bool:
+    """Whether ``text`` holds a wildcard (``*``, ``?`` or ``[``)."""
     return any(ch in text for ch in "*?[")
 
 
 def local(uri: str, suffixes: tuple[str, ...]) -> list[str]:
-    if _is_glob(uri):
+    if is_glob(uri):
         return sorted(
             p
             for p in globlib.glob(uri, recursive=True)
@@ -54,7 +55,7 @@ def local(uri: str, suffixes: tuple[str, ...]) -> list[str]:
 
 def s3(uri: str, suffixes: tuple[str, ...]) -> list[str]:
     bucket, key = _s3.split(uri)
-    if _is_glob(key):
+    if is_glob(key):
         prefix = re.split(r"[*?\[]", key, maxsplit=1)[0]
         pattern = _glob_regex(key)
         keys = _s3.keys(f"s3://{bucket}/{prefix}")

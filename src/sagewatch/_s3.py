@@ -419,14 +419,15 @@ def part_threads(objects: int) -> int:
     return max(1, min(10, COPY_PARTS // max(1, min(objects, COPY_OBJECTS))))
 
 
-def upload(local: str, uri: str) -> None:
+def upload(local: str, uri: str, *, shown: str | None = None) -> None:
     """Upload a complete local file in one request or one multipart upload.
 
     S3 shows the object only once the upload completes; a failed multipart upload
-    is aborted by boto3, so the key keeps its previous object, or none.
+    is aborted by boto3, so the key keeps its previous object, or none. Errors
+    name ``shown`` (the file a staged upload stands for) when given.
     """
     bucket, key = split(uri)
-    with errors(uri, "write"):
+    with errors(shown or uri, "write"):
         client().upload_file(local, bucket, key, Config=transfer_config())
     log.debug("wrote %s", uri)
 

@@ -66,9 +66,11 @@ def _s3_only(
     ctx: click.Context, param: click.Parameter, value: str | None
 ) -> str | None:
     """Refuse a local path where a job needs an S3 location."""
+    from sagewatch.storage import is_glob
+
     if value is not None and not value.startswith("s3://"):
         raise click.BadParameter(f"expected an s3:// URI, got {value!r}")
-    if value is not None and any(ch in value for ch in "*?["):
+    if value is not None and is_glob(value):
         raise click.BadParameter(f"expected an s3:// prefix, not a glob: {value!r}")
     return value
 

@@ -128,6 +128,7 @@ def stage_features(
             "inside it: the feature files would be read as raw input next time; "
             "choose another output folder"
         )
+    storage.check_output(output_dir)
     with (
         Timer() as timer,
         storage.track_reads() as reads,
@@ -359,6 +360,7 @@ def stage_score(
     from sagewatch.detector import Detector
     from sagewatch.scoring import score_features
 
+    storage.check_output(output_dir)
     with Timer() as timer, storage.replacing(output_dir):
         with storage.track_reads() as reads:
             if isinstance(detector, str):

@@ -91,16 +91,22 @@ def recorded_window(files: list[str]) -> tuple[int, str] | None:
     from sagewatch.streaming import STAMP_KEY  # imports this module's users
 
     for path in files:
-        if not path.endswith(".parquet"):
-            continue
-        recorded = storage.parquet_metadata(path).get(STAMP_KEY)
-        try:
-            window = json.loads(recorded)["rolling_window"] if recorded else None
-        except (ValueError, RecursionError, TypeError, KeyError):
-            continue
-        if isinstance(window, int) and not isinstance(window, bool):
-            return window, path
+        if path.endswith(".parquet"):
+            stamp = _stamp(storage.parquet_metadata(path).get(STAMP_KEY))
+            window = stamp.get("rolling_window") if stamp else None
+            if isinstance(window, int) and not isinstance(window, bool):
+                return window, path
     return None
+
+
+def _stamp(recorded: str | None) -> dict | None:
+    """A feature file's record as a mapping; None when it is missing or not JSON
+    of an object."""
+    try:
+        value = json.loads(recorded) if recorded else None
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _canonical_stamp(recorded: str) -> str:
@@ -108,16 +114,13 @@ def _canonical_stamp(recorded: str) -> str:
     values of any column, and files written before the record was sorted list
     them in the configured order. A record that is not ours is compared as
     written."""
-    try:
-        value = json.loads(recorded)
-    except (ValueError, RecursionError):
-        return recorded
-    statistics = value.get("statistics") if isinstance(value, dict) else None
+    stamp = _stamp(recorded)
+    statistics = stamp.get("statistics") if stamp else None
     if not isinstance(statistics, list) or not all(
         isinstance(name, str) for name in statistics
     ):
         return recorded
-    return json.dumps({**value, "statistics": sorted(statistics)}, sort_keys=True)
+    return json.dumps({**stamp, "statistics": sorted(statistics)}, sort_keys=True)
 
 
 def _shown(record: str, limit: int = 200) -> str:

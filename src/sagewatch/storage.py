@@ -80,6 +80,9 @@ def is_s3(uri: str | os.PathLike[str]) -> bool:
     return str(uri).startswith("s3://")
 
 
+is_glob = _listing.is_glob
+
+
 def join(base: str | os.PathLike[str], *parts: str) -> str:
     """Join path parts onto a local path or an S3 URI."""
     if is_s3(base):
@@ -91,7 +94,7 @@ def join(base: str | os.PathLike[str], *parts: str) -> str:
 def is_within(uri: str, folder: str) -> bool:
     """Whether ``uri`` is the folder ``folder`` or lies inside it (False for a
     glob ``folder``)."""
-    if is_s3(uri) != is_s3(folder) or any(ch in folder for ch in "*?["):
+    if is_s3(uri) != is_s3(folder) or is_glob(folder):
         return False
     if is_s3(uri):
         return (uri.rstrip("/") + "/").startswith(folder.rstrip("/") + "/")
@@ -322,13 +325,7 @@ def _staged(
             with _local_errors(uri, "write"):
                 yield staging
             staging.info = _describe_local(staging.path, uri, rows, staging.known)
-            target = _upload_target(uri)
-            try:
-                _s3.upload(staging.path, target)
-            except StorageError as exc:  # name the file asked for, not its stage
-                if target == uri:
-                    raise
-                raise type(exc)(str(exc).replace(target, uri)) from exc
+            _s3.upload(staging.path, _upload_target(uri), shown=uri)
         return
     with _local_staged(uri) as tmp:
         staging.path = tmp
@@ -681,7 +678,6 @@ def replacing(folder: str) -> Iterator[None]:
     the copies fail, the files already replaced are logged.
     """
     folder = folder.rstrip("/") if is_s3(folder) else str(Path(folder))
-    check_output(folder)  # before any work is done for it
     incoming = f"{folder}/.incoming-{uuid.uuid4().hex[:12]}"
     batch = _Batch(folder, incoming, [])
     token = _BATCH.set(batch)

@@ -131,7 +131,7 @@ def s3_input_prefix(uri: str, files: tuple[str, ...] = storage.TABLE_SUFFIXES) -
         ConfigError: a glob, which a job input cannot express; a file whose suffix
             is not in lower case, which the job would not find in its input folder.
     """
-    if any(ch in uri for ch in "*?["):
+    if storage.is_glob(uri):
         raise ConfigError(
             f"{uri}: a SageMaker job reads an S3 prefix, not a glob; give the folder "
             "(or one file), or copy the files to match under one prefix"
